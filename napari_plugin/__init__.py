@@ -1,0 +1,1 @@
+"""napari plugin for scope-stream (installed as ``scope_stream_napari``)."""
