@@ -1,0 +1,39 @@
+# scope-stream: the two set-up commands of the README are `make demo` and `make test`.
+# Each creates .venv (if needed) and installs what it needs; both work on a fresh machine.
+VENV    ?= .venv
+PY      := $(VENV)/bin/python
+STAMP   := $(VENV)/.scope-stream-installed
+SITE     = $(shell $(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+PYTEST_ARGS ?=
+
+.PHONY: demo test install lint bench clean-venv
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# The local CPU wheel of torch first, so nothing pulls a multi-GB CUDA build.
+	$(PY) -c 'import torch' 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[dev]"
+	# Editable installs copy napari_plugin/ to scope_stream_napari; link it so edits take effect.
+	rm -rf "$(SITE)/scope_stream_napari" && ln -s "$(CURDIR)/napari_plugin" "$(SITE)/scope_stream_napari"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/scope-stream demo --no-viewer
+
+test: $(STAMP)
+	@rc=0; $(VENV)/bin/pytest $(PYTEST_ARGS) || rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 0; fi; exit $$rc
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+bench: $(STAMP)
+	$(VENV)/bin/scope-stream bench
+
+clean-venv:
+	rm -rf $(VENV)
