@@ -43,7 +43,9 @@ def _root(
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
     from rich.logging import RichHandler
 
-    logging.basicConfig(level=level, format="%(name)s: %(message)s", handlers=[RichHandler(show_path=False)])
+    logging.basicConfig(
+        level=level, format="%(name)s: %(message)s", handlers=[RichHandler(level=level, show_path=False)]
+    )
 
 
 def fail(message: str, code: int = 2) -> typer.Exit:
