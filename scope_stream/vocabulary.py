@@ -405,6 +405,8 @@ class TileResult:
         }
 
     def to_wire(self) -> tuple[dict[str, Any], memoryview]:
+        if self.crops.size == 0:  # memoryview.cast refuses an empty array
+            return self.header(), memoryview(b"")
         return self.header(), np.ascontiguousarray(self.crops).data.cast("B")
 
     @classmethod

@@ -219,3 +219,11 @@ def test_tile_result_round_trip() -> None:
         TileResult.from_wire(header, bytes(buf)[:-3])
     with pytest.raises(VocabularyError, match="2 crops for 1"):
         TileResult(slide_id="s", tile_id="t", crops=crops, crop_cell_ids=["a"])
+
+
+def test_tile_result_without_crops_round_trips() -> None:
+    res = TileResult(slide_id="s", tile_id="t", cells=[_cell(0)])
+    header, buf = res.to_wire()
+    assert buf.nbytes == 0
+    back = TileResult.from_wire(json.loads(json.dumps(header)), bytes(buf))
+    assert back.cells == res.cells and back.crops.shape[0] == 0
