@@ -3,7 +3,6 @@
 VENV    ?= .venv
 PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.scope-stream-installed
-SITE     = $(shell $(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 PYTEST_ARGS ?=
 
 .PHONY: demo test install lint bench clean-venv
@@ -15,7 +14,8 @@ $(STAMP): pyproject.toml
 	$(PY) -c 'import torch' 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e ".[dev]"
 	# Editable installs copy napari_plugin/ to scope_stream_napari; link it so edits take effect.
-	rm -rf "$(SITE)/scope_stream_napari" && ln -s "$(CURDIR)/napari_plugin" "$(SITE)/scope_stream_napari"
+	site=$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])') && test -n "$$site" && \
+	  rm -rf "$$site/scope_stream_napari" && ln -s "$(CURDIR)/napari_plugin" "$$site/scope_stream_napari"
 	touch $(STAMP)
 
 install: $(STAMP)
