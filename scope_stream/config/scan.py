@@ -1,29 +1,64 @@
-"""What to scan and how: region, overlap, backend and adaptive re-imaging."""
+"""What to scan and how: region, overlap, backend, adaptive re-imaging and the control endpoint."""
 
 from __future__ import annotations
 
+import math
+from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, model_validator
 
 from .base import Section
 
+Backend = Literal["virtual", "pymmcore-plus", "pycromanager", "pycromanager-java", "replay"]
+GridMode = Literal["row_wise_snake", "row_wise", "column_wise_snake", "column_wise", "spiral"]
+
 
 class ScanConfig(Section):
-    """A survey scan of a rectangle of the slide, in stage µm."""
+    """A survey scan of a rectangle of the slide, in stage µm, plus adaptive re-imaging of flagged cells.
 
-    backend: Literal["virtual", "pymmcore-plus", "pycromanager", "pycromanager-java", "replay"] = "virtual"
+    The region ``(x0_um, y0_um) - (x1_um, y1_um)`` is covered by a grid of fields of view of the scan
+    ``objective`` overlapping by ``overlap`` (a fraction of the field), centred on the region.
+    """
+
+    backend: Backend = "virtual"
     x0_um: float = 0.0
     y0_um: float = 0.0
     x1_um: float = 1000.0
     y1_um: float = 1000.0
     overlap: float = Field(default=0.1, ge=0.0, lt=0.9)
+    grid_mode: GridMode = "row_wise_snake"
     objective: str = "20x"
+    z_um: float | None = None  # focus for the survey; None: leave the focus where it is
+
+    # ---- adaptive re-imaging
     adaptive: bool = True
     reimage_objective: str = "50x"
-    reimage_budget: int = Field(default=10, ge=0)
-    focus_stack: list[float] = Field(default_factory=lambda: [0.0])  # z offsets in µm
-    rate_limit_tiles_per_s: float | None = Field(default=None, gt=0)
+    reimage_budget: int = Field(default=10, ge=0)  # re-image *positions* per slide (each may be a focus stack)
+    focus_stack: list[float] = Field(default_factory=lambda: [0.0], min_length=1)  # z offsets in µm
+    reimage_min_score: float | None = None  # only flags scoring at least this trigger a re-image
+    reimage_min_separation_um: float | None = None  # None: half the re-image field; closer flags share one
+    results_timeout_s: float = Field(default=120.0, gt=0)  # wait this long for the last results (flags)
+
+    # ---- stage limits (for every move scope-stream makes: plan, adaptive, control requests)
+    # None: the microscope's stage travel (microscope.stage_limits(): the slide grown by stage_margin_um)
+    stage_limits_um: tuple[float, float, float, float] | None = None
+
+    # ---- control endpoint (re-image requests from napari or scanners; ZeroMQ ROUTER)
+    control: bool = True
+    control_host: str = "127.0.0.1"
+    control_port: int = Field(default=0, ge=0, le=65535)  # 0: a free port
+    control_keys_dir: Path | None = None  # CurveZMQ keys; required off loopback (default: pipeline.curve_keys_dir)
+    control_max_pending: int = Field(default=16, ge=1)
+    hold_open_s: float = Field(default=0.0, ge=0)  # keep serving control requests this long after the scan
+
+    # ---- backends
+    rate_limit_tiles_per_s: float | None = Field(default=None, gt=0)  # also the replay rate
+    replay_path: Path | None = None  # a folder with tiles.csv, or a <slide>.zarr store of an earlier scan
+    pycromanager_port: int = Field(default=4827, ge=1, le=65535)  # the Micro-Manager GUI's ZMQ server
+    pycromanager_directory: Path | None = None  # pycromanager's own saving (None: RAM / no saving)
+    java_transfer: Literal["process", "saved"] = "process"  # image_process_fn, or read image_saved_fn's dataset
+    follow_poll_ms: int = Field(default=50, ge=1, le=10_000)  # GUI datastore follower poll interval
 
     @model_validator(mode="after")
     def _region(self) -> ScanConfig:
@@ -32,4 +67,12 @@ class ScanConfig(Section):
                 f"scan region must have x1_um > x0_um and y1_um > y0_um, got "
                 f"({self.x0_um}, {self.y0_um}) - ({self.x1_um}, {self.y1_um})"
             )
+        if self.stage_limits_um is not None:
+            lx0, ly0, lx1, ly1 = self.stage_limits_um
+            if not all(math.isfinite(v) for v in self.stage_limits_um) or lx1 <= lx0 or ly1 <= ly0:
+                raise ValueError(
+                    f"stage_limits_um must be finite (x0, y0, x1, y1) with x1 > x0, y1 > y0, got {self.stage_limits_um}"
+                )
+        if any(not math.isfinite(z) for z in self.focus_stack):
+            raise ValueError(f"focus_stack offsets must be finite, got {self.focus_stack}")
         return self
