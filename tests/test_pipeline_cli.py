@@ -83,3 +83,21 @@ def test_run_serves_until_sigint_then_drains(tmp_path: Path) -> None:
     assert proc.returncode == 0, out
     store = SlideStore.open(tmp_path / "scans" / "cli.zarr")
     assert len(store) == 12 and store.status == "done"
+
+
+def test_a_pipeline_whose_workers_cannot_start_leaves_no_process(tmp_path: Path) -> None:
+    import multiprocessing as mp
+
+    from scope_stream.config import ScopeStreamConfig
+    from scope_stream.transport import LocalPipeline
+    from scope_stream.transport.pipeline import PipelineError
+
+    cfg = ScopeStreamConfig.model_validate({"pipeline": {"n_workers": 1}})
+    pipe = LocalPipeline(
+        cfg, tmp_path / "s.zarr", analyzer_spec="scope_stream.no_such_module:factory", start_timeout=30
+    )
+    with pytest.raises(PipelineError):
+        pipe.start()
+    procs = [pipe.broker_proc, pipe.sink_proc, *pipe.workers]
+    assert all(p is None or not p.is_alive() for p in procs)
+    assert not [c for c in mp.active_children() if c.name.startswith("scope-stream")]

@@ -195,10 +195,17 @@ class LocalPipeline:
             raise PipelineError(f"the broker could not start: {msg['error']}")
         self.endpoints = Endpoints.from_dict(msg["endpoints"])
         self._control = ControlClient(self.endpoints.control, self._security)
-        self.start_sink()
-        for _ in range(self.n_workers):
-            self.start_worker()
-        self.wait_ready(self.start_timeout)
+        try:
+            self.start_sink()
+            for _ in range(self.n_workers):
+                self.start_worker()
+            self.wait_ready(self.start_timeout)
+        except BaseException:
+            # a worker or the sink that cannot start (a missing model, say) must not leave the rest running
+            self._kill_all()
+            self._control.close()
+            self._control = None
+            raise
         return self
 
     def wait_ready(self, timeout: float = 60.0, n_workers: int | None = None) -> dict[str, Any]:
@@ -380,7 +387,7 @@ class LocalPipeline:
     def _kill_all(self) -> None:
         for p in [self.broker_proc, self.sink_proc, *self.workers]:
             if p is not None and p.is_alive():
-                log.warning("process %s did not stop; terminating it", p.name)
+                log.info("terminating process %s", p.name)
                 p.terminate()
                 p.join(timeout=5)
                 if p.is_alive():
