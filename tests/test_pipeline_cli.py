@@ -101,3 +101,29 @@ def test_a_pipeline_whose_workers_cannot_start_leaves_no_process(tmp_path: Path)
     procs = [pipe.broker_proc, pipe.sink_proc, *pipe.workers]
     assert all(p is None or not p.is_alive() for p in procs)
     assert not [c for c in mp.active_children() if c.name.startswith("scope-stream")]
+
+
+def test_pipeline_on_calls_python_callbacks(tmp_path: Path) -> None:
+    import threading
+
+    from scope_stream.config import ScopeStreamConfig
+    from scope_stream.transport import LocalPipeline
+
+    cfg = ScopeStreamConfig.model_validate({"slide_id": "cb", "pipeline": {"n_workers": 1}})
+    seen: list[str] = []
+    done = threading.Event()
+    with LocalPipeline(cfg, tmp_path / "cb.zarr", analyzer_spec="scope_stream.transport.stages:passthrough") as pipe:
+
+        @pipe.on("tile.done")
+        def _tile(event: dict) -> None:
+            seen.append(event["tile_id"])
+
+        pipe.on("slide.done", lambda event: done.set())
+        src = pipe.source()
+        for i in range(3):
+            src.send(make_tile(i, "cb"))
+        src.flush()
+        pipe.drain(timeout=60)
+        assert done.wait(10), "slide.done was not delivered to the callback"
+        src.close()
+    assert sorted(seen) == sorted(make_tile(i, "cb").tile_id for i in range(3))

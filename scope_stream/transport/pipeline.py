@@ -158,6 +158,7 @@ class LocalPipeline:
         self._security = client_security(self.config.pipeline.curve_keys_dir)
         self._ipc_dir: str | None = None
         self._worker_ids = itertools.count()
+        self._callbacks: Any = None
 
     # ------------------------------------------------------------------------- start
     def start(self) -> LocalPipeline:
@@ -325,6 +326,18 @@ class LocalPipeline:
 
         return EventSubscriber(self.events_endpoint, topics, security=self._security)
 
+    def on(self, topic: str, fn: Any = None) -> Any:
+        """Call ``fn(event)`` for every event on ``topic`` (``"cell.flagged"``, ``"tile.*"``, ``"*"``).
+
+        Also usable as a decorator. Callbacks run on a thread of their own, never on the pipeline's;
+        the webhooks of ``config.callbacks`` are delivered alongside. See ``docs/callbacks.md``.
+        """
+        if self._callbacks is None:
+            from scope_stream.callbacks import Callbacks
+
+            self._callbacks = Callbacks(self.config, self.events_endpoint, slide_id=self.config.slide_id).start()
+        return self._callbacks.on(topic, fn)
+
     def stats(self, timeout: float = 10.0) -> dict[str, Any]:
         """The broker's statistics (queue depths, workers, sink, counts, rejections, rates)."""
         assert self._control is not None, "start the pipeline first"
@@ -375,6 +388,9 @@ class LocalPipeline:
             if p is not None:
                 p.join(timeout=max(0.1, deadline - time.monotonic()))
         self._kill_all()
+        if self._callbacks is not None:  # after the pipeline: the last events (slide.done) are dispatched
+            self._callbacks.close()
+            self._callbacks = None
         if self._control is not None:
             self._control.close()
             self._control = None
