@@ -11,17 +11,52 @@ from .base import Section
 
 
 class TrainConfig(Section):
-    """Everything ``scope-stream train`` needs; a file with ``kind: train``."""
+    """Everything ``scope-stream train`` needs; a file with ``kind: train``.
+
+    Training stops at ``steps`` or after ``max_minutes`` of wall-clock time, whichever comes first;
+    the learning rate follows a linear warmup then a cosine decay over whichever budget is consumed
+    faster, so a time-boxed run still ends with a small learning rate.
+    """
 
     kind: Literal["train"] = "train"
-    data: Path = Path("../shared/data/pbc")
+    # diffusion: the classifier; baseline: the discriminative CNN; autoencoder: for the latent variant
+    model_type: Literal["diffusion", "baseline", "autoencoder"] = "diffusion"
+    data: Path | None = None  # None: $SCOPE_STREAM_DATA/pbc or <repo>/../shared/data/pbc
     out: Path = Path("runs/pbc")
+    train_split: str | None = "train"  # None: every row of labels.csv
+    classes: list[str] | None = None  # None: every label left after exclude_classes
     exclude_classes: list[str] = Field(default_factory=lambda: ["ig", "erythroblast"])
+    holdout_fraction: float = Field(default=0.05, ge=0, lt=0.5)  # per class, kept out for calibration
     image_size: int = Field(default=32, ge=8, le=512)
+    # architecture (UNet2DModel); attention_levels are indices into block_out_channels
+    block_out_channels: list[int] = Field(default_factory=lambda: [64, 128, 128])
+    layers_per_block: int = Field(default=1, ge=1, le=4)
+    attention_levels: list[int] = Field(default_factory=lambda: [2])
+    norm_num_groups: int = Field(default=32, ge=1)
+    # latent variant: train an autoencoder (model_type: autoencoder, latent_channels > 0), then set
+    # `autoencoder:` to its directory in the diffusion config; the UNet then works on its latents
+    latent_channels: int = Field(default=4, ge=1, le=16)
+    autoencoder: Path | None = None
+    num_train_timesteps: int = Field(default=1000, ge=10)
+    beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = "linear"
+    # optimisation
     batch_size: int = Field(default=64, ge=1)
     steps: int = Field(default=3000, ge=1)
-    lr: float = Field(default=2e-4, gt=0)
-    ema_decay: float = Field(default=0.999, ge=0, lt=1)
+    max_minutes: float | None = Field(default=None, gt=0)
+    lr: float = Field(default=4e-4, gt=0)
+    warmup_steps: int = Field(default=100, ge=0)
+    min_lr_ratio: float = Field(default=0.05, ge=0, le=1)
+    weight_decay: float = Field(default=0.0, ge=0)
+    grad_clip: float = Field(default=1.0, gt=0)
+    ema_decay: float = Field(default=0.999, ge=0, lt=1)  # with warmup: min(decay, (1+n)/(10+n))
+    balanced_sampling: bool = True  # draw classes uniformly, then a cell of that class
+    color_jitter: float = Field(default=0.05, ge=0, le=0.5)
     seed: int = 0
     device: str = "auto"
+    threads: int | None = Field(default=None, ge=1)  # torch CPU threads (None: torch's default)
+    mixed_precision: Literal["auto", "no", "bf16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
+    compile: bool = False  # torch.compile the UNet (CUDA)
     checkpoint_every: int = Field(default=250, ge=1)
+    checkpoint_minutes: float = Field(default=5.0, gt=0)
+    resume: bool = True
+    log_every: int = Field(default=25, ge=1)

@@ -1,0 +1,110 @@
+"""The worker's analysis stage: segment -> crop -> classify -> flag, batched across tiles.
+
+A pipeline worker builds one :class:`CellAnalyzer` in its own process from the import spec
+``"scope_stream.analysis:build_analyzer"`` (see ``docs/protocol.md``) and hands it batches of tiles.
+White cells of every tile in a batch are classified in one call, so the classifier's forward passes
+stay full however few cells each tile holds.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from scope_stream.config import ScopeStreamConfig
+from scope_stream.vocabulary import Cell, CellCall, CellKind, Flag, Tile, TileResult
+
+if TYPE_CHECKING:
+    from scope_stream.classify.classifier import DiffusionClassifier
+
+__all__ = ["CellAnalyzer", "build_analyzer", "build_segment_only_analyzer"]
+
+log = logging.getLogger(__name__)
+
+
+class CellAnalyzer:
+    """Segments every tile, classifies its white cells with the diffusion classifier and flags them.
+
+    With ``classifier=None`` it only segments (cells, no calls, no flags): useful where no model is
+    wanted, e.g. counting red cells.
+    """
+
+    def __init__(self, config: ScopeStreamConfig, classifier: DiffusionClassifier | None) -> None:
+        self.config = config
+        self.classifier = classifier
+        self.name = "segment+classify" if classifier is not None else "segment"
+
+    def analyze(self, tiles: list[Tile]) -> list[TileResult]:
+        from scope_stream.segment import extract_crops, segment_tile
+
+        seg = self.config.segment
+        crop_px = self.classifier.image_size if self.classifier is not None else seg.crop_px
+        per_tile: list[tuple[Tile, list[Cell], list[Cell], np.ndarray, float]] = []
+        for tile in tiles:
+            t0 = time.perf_counter()
+            cells = segment_tile(tile, seg)
+            wbcs = [c for c in cells if c.kind == CellKind.WBC]
+            crops = extract_crops(tile, wbcs, seg.crop_um, crop_px)
+            per_tile.append((tile, cells, wbcs, crops, (time.perf_counter() - t0) * 1e3))
+
+        calls: list[CellCall] = []
+        classify_ms = 0.0
+        n_wbc = sum(len(w) for _, _, w, _, _ in per_tile)
+        if self.classifier is not None and n_wbc:
+            t0 = time.perf_counter()
+            all_crops = np.concatenate([c for *_, c, _ in per_tile if len(c)], axis=0)
+            ids = [cell.cell_id for _, _, wbcs, _, _ in per_tile for cell in wbcs]
+            calls = self.classifier.classify(all_crops, ids, procedure=self.config.classifier.procedure)
+            classify_ms = (time.perf_counter() - t0) * 1e3
+
+        results: list[TileResult] = []
+        offset = 0
+        for tile, cells, wbcs, crops, seg_ms in per_tile:
+            tile_calls = calls[offset : offset + len(wbcs)] if self.classifier is not None else []
+            offset += len(wbcs)
+            flags = self._flags(wbcs, tile_calls) if self.classifier is not None else []
+            share = len(wbcs) / n_wbc if n_wbc else 0.0
+            results.append(
+                TileResult(
+                    slide_id=tile.slide_id,
+                    tile_id=tile.tile_id,
+                    cells=cells,
+                    calls=tile_calls,
+                    flags=flags,
+                    crops=crops if self.classifier is not None else crops[:0],
+                    crop_cell_ids=[c.cell_id for c in wbcs] if self.classifier is not None else [],
+                    timings_ms={"segment": round(seg_ms, 3), "classify": round(classify_ms * share, 3)},
+                )
+            )
+        return results
+
+    def _flags(self, wbcs: list[Cell], calls: list[CellCall]) -> list[Flag]:
+        from scope_stream.classify.flags import flag_call
+
+        flags: list[Flag] = []
+        for cell, call in zip(wbcs, calls, strict=True):
+            flag = flag_call(cell, call, self.config.flags)
+            if flag is not None:
+                flags.append(flag)
+        return flags
+
+    def close(self) -> None:
+        self.classifier = None
+
+
+def build_analyzer(config: ScopeStreamConfig, device: str = "cpu") -> CellAnalyzer:
+    """The default worker stage: segmentation + the diffusion classifier of ``config.classifier``."""
+    from scope_stream.classify.classifier import DiffusionClassifier
+
+    want = config.classifier.device if config.classifier.device != "auto" else device
+    clf = DiffusionClassifier.load(config.classifier.model, device=want)
+    log.info("analyzer: %s on %s, procedure %s", clf.model_id, clf.device, config.classifier.procedure)
+    return CellAnalyzer(config, clf)
+
+
+def build_segment_only_analyzer(config: ScopeStreamConfig, device: str = "cpu") -> CellAnalyzer:
+    """A worker stage that segments but does not classify."""
+    return CellAnalyzer(config, None)

@@ -1,0 +1,236 @@
+"""Calibration on held-out cells: temperature, the fast procedure's plan, anomaly reference, flag thresholds.
+
+Everything is fitted from one error tensor ``E (N, C, L)``: every calibration cell x class x
+candidate (timestep, noise) pair. The fast procedure only ever evaluates pairs of that grid with
+the same noises, so its behaviour on the calibration cells can be replayed exactly from ``E``
+(:func:`simulate_fast`), which is how its levels, pruning threshold and temperature are chosen.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .anomaly import AnomalyCalibration
+from .procedures import FastPlan, paired_prune_scores
+
+__all__ = [
+    "CANDIDATE_TIMESTEPS",
+    "Calibration",
+    "fit_calibration",
+    "fit_temperature",
+    "simulate_fast",
+    "softmax_neg",
+]
+
+#: candidate timesteps (of 1,000) for the fast plan; class separation lives at low and middle t
+CANDIDATE_TIMESTEPS: tuple[int, ...] = (20, 50, 100, 150, 200, 300, 400, 500, 650, 850)
+
+
+def softmax_neg(scores: np.ndarray, temperature: float) -> np.ndarray:
+    """``softmax(-temperature * scores)`` row-wise, numerically stable."""
+    z = -temperature * np.asarray(scores, dtype=np.float64)
+    z -= z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return np.asarray(e / e.sum(axis=1, keepdims=True))
+
+
+def _nll(scores: np.ndarray, labels: np.ndarray, temperature: float) -> float:
+    p = softmax_neg(scores, temperature)
+    return float(-np.mean(np.log(np.clip(p[np.arange(len(labels)), labels], 1e-12, None))))
+
+
+def fit_temperature(scores: np.ndarray, labels: np.ndarray) -> float:
+    """The temperature minimising the negative log-likelihood of the true labels (log-space search)."""
+    from scipy.optimize import minimize_scalar
+
+    s = np.asarray(scores, dtype=np.float64)
+    y = np.asarray(labels)
+    ok = y >= 0
+    if ok.sum() < 2:
+        raise ValueError("fitting a temperature needs at least two labelled cells")
+    s, y = s[ok], y[ok]
+    spread = float(np.median(np.abs(s - s.mean(axis=1, keepdims=True)))) or 1.0
+    lo, hi = math.log(1e-3 / spread), math.log(1e3 / spread)
+    res = minimize_scalar(lambda lt: _nll(s, y, math.exp(lt)), bounds=(lo, hi), method="bounded")
+    return float(math.exp(res.x))
+
+
+def simulate_fast(
+    errors: np.ndarray, plan_idx: list[int], weights: np.ndarray, prune_after: int, prune_delta: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """Replay the fast procedure on a full error tensor: (scores (N, C), evaluations (N,))."""
+    e = errors[:, :, plan_idx]
+    w = weights[plan_idx]
+    n, c, k = e.shape
+    k1 = prune_after
+    acc = (e[:, :, :k1] * w[:k1]).sum(axis=2)
+    wsum = np.full((n, c), w[:k1].sum())
+    evals = np.full(n, c * k1)
+    s1 = acc / wsum
+    alive = np.zeros((n, c), dtype=bool)
+    if k1 < k:
+        alive = s1 - s1.min(axis=1, keepdims=True) <= prune_delta
+        alive &= alive.sum(axis=1, keepdims=True) > 1
+        acc = acc + alive * (e[:, :, k1:] * w[k1:]).sum(axis=2)
+        wsum = wsum + alive * w[k1:].sum()
+        evals = evals + alive.sum(axis=1) * (k - k1)
+    return paired_prune_scores(acc / wsum, s1, alive), evals
+
+
+def _balanced_acc(scores: np.ndarray, labels: np.ndarray) -> float:
+    pred = scores.argmin(axis=1)
+    return float(np.mean([np.mean(pred[labels == c] == c) for c in np.unique(labels)]))
+
+
+@dataclass
+class Calibration:
+    """What ``calibration.json`` holds (see :meth:`to_json`)."""
+
+    fast_plan: FastPlan
+    fast_temperature: float
+    fast_anomaly: AnomalyCalibration
+    reference_temperature: float
+    reference_anomaly: AnomalyCalibration
+    anomaly_threshold: float
+    uncertainty_threshold: float
+    info: dict[str, Any]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": "scope-stream-calibration/1",
+            "fast": {
+                "plan": self.fast_plan.to_json(),
+                "temperature": self.fast_temperature,
+                "anomaly": self.fast_anomaly.__dict__,
+            },
+            "reference": {"temperature": self.reference_temperature, "anomaly": self.reference_anomaly.__dict__},
+            "flags": {"anomaly_threshold": self.anomaly_threshold, "uncertainty_threshold": self.uncertainty_threshold},
+            "info": self.info,
+        }
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> Calibration:
+        return cls(
+            fast_plan=FastPlan.from_json(d["fast"]["plan"]),
+            fast_temperature=float(d["fast"]["temperature"]),
+            fast_anomaly=AnomalyCalibration(**d["fast"]["anomaly"]),
+            reference_temperature=float(d["reference"]["temperature"]),
+            reference_anomaly=AnomalyCalibration(**d["reference"]["anomaly"]),
+            anomaly_threshold=float(d["flags"]["anomaly_threshold"]),
+            uncertainty_threshold=float(d["flags"]["uncertainty_threshold"]),
+            info=dict(d.get("info", {})),
+        )
+
+
+def _uncertainty(p: np.ndarray) -> np.ndarray:
+    c = p.shape[1]
+    h = -(p * np.log(np.clip(p, 1e-12, None))).sum(axis=1)
+    return np.asarray(np.clip(h / math.log(c), 0, 1))
+
+
+def fit_calibration(
+    errors: np.ndarray,
+    labels: np.ndarray,
+    timesteps: list[int],
+    noise_seeds: list[int],
+    *,
+    num_train_timesteps: int = 1000,
+    max_levels: int = 12,
+    tolerance: float = 0.005,
+    false_flag_rate: float = 0.05,
+    info: dict[str, Any] | None = None,
+) -> Calibration:
+    """Fit everything from ``errors (N, C, L)`` over candidate pairs (``timesteps[l]``, ``noise_seeds[l]``).
+
+    1. Per-level weights ``1 / mean error`` (each level contributes on the same scale).
+    2. Greedy forward selection of levels minimising the tempered NLL; the plan keeps the shortest
+       prefix whose balanced accuracy is within ``tolerance`` of the best prefix's.
+    3. ``prune_after``/``prune_delta``: the cheapest stage-1 length whose gap threshold (1.25 x the
+       largest true-class gap among cells the full plan gets right) keeps every such cell's class.
+    4. Temperatures for the fast and (approximately, from the grid weighted to a uniform density
+       in t) the reference scores; anomaly reference distributions; thresholds at
+       ``false_flag_rate`` of calibration cells.
+    """
+    e = np.asarray(errors, dtype=np.float64)
+    y = np.asarray(labels)
+    n, c, n_levels = e.shape
+    if len(y) != n or len(timesteps) != n_levels or len(noise_seeds) != n_levels:
+        raise ValueError("errors, labels, timesteps and noise_seeds do not match")
+    w = 1.0 / e.mean(axis=(0, 1))
+    chosen: list[int] = []
+    curve: list[float] = []
+    for _ in range(min(max_levels, n_levels)):
+        best, best_v = -1, math.inf
+        for j in range(n_levels):
+            if j in chosen:
+                continue
+            idx = [*chosen, j]
+            s = (e[:, :, idx] * w[idx]).sum(axis=2) / w[idx].sum()
+            v = _nll(s, y, fit_temperature(s, y))
+            if v < best_v:
+                best, best_v = j, v
+        chosen.append(best)
+        s = (e[:, :, chosen] * w[chosen]).sum(axis=2) / w[chosen].sum()
+        curve.append(_balanced_acc(s, y))
+    top = max(curve)
+    k = next(i + 1 for i, a in enumerate(curve) if a >= top - tolerance)
+    plan_idx = chosen[:k]
+    full, _ = simulate_fast(e, plan_idx, w, k, math.inf)
+    right = full.argmin(axis=1) == y
+    best_plan: tuple[float, int, float] = (float(c * k), k, math.inf)
+    for k1 in range(1, k):
+        s1 = (e[:, :, plan_idx[:k1]] * w[plan_idx[:k1]]).sum(axis=2) / w[plan_idx[:k1]].sum()
+        gap = s1[np.arange(n), y] - s1.min(axis=1)
+        delta = 1.25 * float(gap[right].max()) if right.any() else math.inf
+        _, ev = simulate_fast(e, plan_idx, w, k1, delta)
+        if ev.mean() < best_plan[0]:
+            best_plan = (float(ev.mean()), k1, delta)
+    _, k1, delta = best_plan
+    plan = FastPlan(
+        [int(timesteps[i]) for i in plan_idx],
+        [int(noise_seeds[i]) for i in plan_idx],
+        [float(w[i]) for i in plan_idx],
+        prune_after=k1,
+        prune_delta=delta,
+    )
+    fast_s, fast_ev = simulate_fast(e, plan_idx, w, k1, delta)
+    t_fast = fit_temperature(fast_s, y)
+    # reference: unweighted mean error under a uniform density of t (grid points weighted by their span)
+    ts = np.asarray(timesteps, dtype=np.float64)
+    order = np.argsort(ts)
+    edges = np.concatenate([[0.0], (ts[order][1:] + ts[order][:-1]) / 2, [num_train_timesteps - 1.0]])
+    span = np.empty(n_levels)
+    span[order] = np.diff(edges)
+    ref_s = (e * span).sum(axis=2) / span.sum()
+    t_ref = fit_temperature(ref_s, y)
+    fast_anom = AnomalyCalibration.fit(fast_s, y)
+    ref_anom = AnomalyCalibration.fit(ref_s, y)
+    unc = _uncertainty(softmax_neg(fast_s, t_fast))
+    meta = dict(info or {})
+    meta.update(
+        {
+            "n_cells": int(n),
+            "candidate_timesteps": [int(t) for t in timesteps],
+            "candidate_noise_seeds": [int(s) for s in noise_seeds],
+            "greedy_order": [int(timesteps[i]) for i in chosen],
+            "greedy_balanced_accuracy": curve,
+            "fast_balanced_accuracy_on_calibration": _balanced_acc(fast_s, y),
+            "fast_mean_evaluations_on_calibration": float(fast_ev.mean()),
+            "reference_grid_balanced_accuracy_on_calibration": _balanced_acc(ref_s, y),
+            "false_flag_rate": false_flag_rate,
+        }
+    )
+    return Calibration(
+        plan,
+        t_fast,
+        fast_anom,
+        t_ref,
+        ref_anom,
+        anomaly_threshold=1.0 - false_flag_rate,
+        uncertainty_threshold=float(np.quantile(unc, 1.0 - false_flag_rate)),
+        info=meta,
+    )

@@ -1,0 +1,191 @@
+"""``DiffusionClassifier``: load a model directory and turn cell crops into :class:`CellCall` objects."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from scope_stream.vocabulary import CellCall
+
+from .anomaly import AnomalyCalibration, relative_score
+from .calibration import Calibration, softmax_neg
+from .data import check_crops, resize_crops, to_model_input
+from .model import CALIBRATION, ModelError, alphas_cumprod, load_unet, model_id_of, pick_device
+from .procedures import Denoiser, FastPlan, ProcResult, ReferenceParams, classify_fast, classify_reference
+
+__all__ = ["DEFAULT_MODEL_DIR", "DiffusionClassifier", "Scores"]
+
+#: the shipped model
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parents[2] / "models" / "cytodiffusion-pbc-32"
+
+Procedure = Literal["fast", "reference"]
+
+
+@dataclass
+class Scores:
+    """Everything the classifier computes for a batch of crops (arrays over cells)."""
+
+    scores: np.ndarray  # (N, C) weighted mean denoising error per class (lower = better)
+    probabilities: np.ndarray  # (N, C)
+    labels: np.ndarray  # (N,) index of the predicted class
+    uncertainty: np.ndarray  # (N,) normalised entropy
+    margin: np.ndarray  # (N,) top-2 probability gap
+    anomaly: np.ndarray  # (N,) calibrated relative (CytoDiffusion) anomaly score in [0, 1]
+    anomaly_absolute: np.ndarray  # (N,) calibrated absolute anomaly score in [0, 1]
+    relative_raw: np.ndarray  # (N,) raw CytoDiffusion relative score (high = confident)
+    evaluations: np.ndarray  # (N,) UNet evaluations per cell
+    seconds: float
+
+
+class DiffusionClassifier:
+    """A class-conditional diffusion model used as a classifier (CytoDiffusion-style).
+
+    Use :meth:`load`; :meth:`classify` returns one :class:`CellCall` per crop, :meth:`score` the raw arrays.
+    """
+
+    def __init__(self, model_dir: Path, device: str = "auto", max_batch: int = 256) -> None:
+        import torch
+
+        self.model_dir = Path(model_dir)
+        self.device = pick_device(device)
+        self.unet, self.spec = load_unet(self.model_dir, self.device)
+        self.classes: list[str] = list(self.spec.classes)
+        self.image_size: int = self.spec.image_size
+        self.model_id: str = model_id_of(self.model_dir)
+        self.calibration: Calibration | None = None
+        cal_path = self.model_dir / CALIBRATION
+        if cal_path.is_file():
+            try:
+                self.calibration = Calibration.from_json(json.loads(cal_path.read_text(encoding="utf-8")))
+            except (KeyError, TypeError, ValueError) as exc:
+                raise ModelError(f"{cal_path} cannot be read: {exc}") from exc
+        self.vae: Any = None
+        if self.spec.latent_channels:
+            from .autoencoder import load_autoencoder
+
+            self.vae, self.ae_spec = load_autoencoder(self.model_dir / "autoencoder", self.device)
+        bf16 = self.device.startswith("cuda")
+        self.denoiser = Denoiser(self.unet, alphas_cumprod(self.spec), self.device, max_batch=max_batch, bf16=bf16)
+        self.reference_params = ReferenceParams()
+        self._torch = torch
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def load(cls, path: Path | None = None, device: str = "auto") -> DiffusionClassifier:
+        """Load a model directory (``None``: the shipped model in ``models/``)."""
+        model_dir = Path(path) if path is not None else DEFAULT_MODEL_DIR
+        if not model_dir.is_dir():
+            raise ModelError(f"model directory {model_dir} not found")
+        return cls(model_dir, device)
+
+    @property
+    def fast_plan(self) -> FastPlan:
+        if self.calibration is not None:
+            return self.calibration.fast_plan
+        return FastPlan.default(self.spec.num_train_timesteps)
+
+    def temperature(self, procedure: Procedure) -> float:
+        if self.calibration is None:
+            return 1.0 / 0.002  # uncalibrated: a gap of 0.002 in mean error is one nat
+        if procedure == "fast":
+            return self.calibration.fast_temperature
+        return self.calibration.reference_temperature
+
+    def _anomaly_cal(self, procedure: Procedure) -> AnomalyCalibration | None:
+        if self.calibration is None:
+            return None
+        return self.calibration.fast_anomaly if procedure == "fast" else self.calibration.reference_anomaly
+
+    # ------------------------------------------------------------------ work
+    def prepare(self, crops: np.ndarray) -> Any:
+        """Validate, resize and convert crops ``(N, H, W, 3)`` to model input on the device."""
+        arr = resize_crops(check_crops(crops), self.image_size)
+        x = to_model_input(arr, self.device)
+        if self.vae is None:
+            return x
+        from .autoencoder import encode
+
+        with self._torch.inference_mode():
+            return self._torch.cat([encode(self.vae, self.ae_spec, x[i : i + 64]) for i in range(0, len(x), 64)])
+
+    def run(self, x0: Any, procedure: Procedure = "fast") -> ProcResult:
+        if procedure == "fast":
+            return classify_fast(self.denoiser, x0, len(self.classes), self.fast_plan)
+        if procedure == "reference":
+            return classify_reference(
+                self.denoiser, x0, len(self.classes), self.reference_params, self.spec.num_train_timesteps
+            )
+        raise ValueError(f"procedure must be 'fast' or 'reference', got {procedure!r}")
+
+    def score(self, crops: np.ndarray, procedure: Procedure = "fast", chunk: int = 128) -> Scores:
+        """Classify crops and return every per-cell quantity as arrays."""
+        t0 = time.perf_counter()
+        x0 = self.prepare(crops)
+        parts = [self.run(x0[i : i + chunk], procedure) for i in range(0, x0.shape[0], chunk)]
+        scores = np.concatenate([p.scores for p in parts]) if parts else np.zeros((0, len(self.classes)))
+        evals = np.concatenate([p.evaluations for p in parts]) if parts else np.zeros(0, dtype=np.int64)
+        return self.finish(scores, evals, procedure, time.perf_counter() - t0)
+
+    def finish(self, scores: np.ndarray, evals: np.ndarray, procedure: Procedure, seconds: float = 0.0) -> Scores:
+        """Probabilities, uncertainty and anomaly scores from per-class scores."""
+        c = len(self.classes)
+        probs = softmax_neg(scores, self.temperature(procedure)) if len(scores) else np.zeros((0, c))
+        srt = np.sort(probs, axis=1)
+        margin = srt[:, -1] - (srt[:, -2] if c > 1 else 0.0)
+        ent = -(probs * np.log(np.clip(probs, 1e-12, None))).sum(axis=1)
+        unc = np.clip(ent / math.log(c), 0.0, 1.0) if c > 1 else np.zeros(len(probs))
+        cal = self._anomaly_cal(procedure)
+        if c < 2 or len(scores) == 0:
+            rel = np.zeros(len(scores))
+            anom = np.zeros(len(scores))
+            anom_abs = np.zeros(len(scores))
+        else:
+            rel = relative_score(scores)
+            if cal is not None:
+                anom = cal.relative_anomaly(scores)
+                anom_abs = cal.absolute_anomaly(scores)
+            else:  # uncalibrated: squash the relative score by the typical best error
+                scale = np.maximum(scores.min(axis=1), 1e-12)
+                anom = 1.0 / (1.0 + np.maximum(rel, 0) / (0.05 * scale))
+                anom_abs = np.zeros(len(scores))
+        return Scores(
+            scores, probs, probs.argmax(axis=1), unc, np.clip(margin, 0, 1), anom, anom_abs, rel, evals, seconds
+        )
+
+    def classify(self, crops: np.ndarray, cell_ids: list[str], procedure: Procedure = "fast") -> list[CellCall]:
+        """One :class:`CellCall` per crop (``crops`` is ``(N, H, W, 3)`` uint8; resized as needed)."""
+        if len(cell_ids) != len(crops):
+            raise ValueError(f"got {len(crops)} crops but {len(cell_ids)} cell_ids")
+        if len(cell_ids) == 0:
+            return []
+        s = self.score(crops, procedure)
+        calls = []
+        for i, cid in enumerate(cell_ids):
+            p = s.probabilities[i]
+            p = p / p.sum()
+            probs = {name: float(v) for name, v in zip(self.classes, p, strict=True)}
+            calls.append(
+                CellCall(
+                    cell_id=str(cid),
+                    label=self.classes[int(s.labels[i])],
+                    probabilities=probs,
+                    uncertainty=float(s.uncertainty[i]),
+                    margin=float(s.margin[i]),
+                    anomaly_score=float(s.anomaly[i]),
+                    model_id=self.model_id,
+                    evaluations=int(s.evaluations[i]),
+                )
+            )
+        return calls
+
+    def __repr__(self) -> str:
+        return (
+            f"DiffusionClassifier({self.model_id}, classes={self.classes}, image_size={self.image_size}, "
+            f"device={self.device}, calibrated={self.calibration is not None})"
+        )

@@ -1,0 +1,165 @@
+"""Calibrating a trained model on held-out cells and evaluating it on a labelled folder."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .calibration import CANDIDATE_TIMESTEPS, fit_calibration
+from .classifier import DiffusionClassifier, Procedure, Scores
+from .data import CropSet, load_crops, resize_crops
+from .metrics import (
+    auroc,
+    balanced_accuracy,
+    confusion_matrix,
+    expected_calibration_error,
+    macro_f1,
+    reliability_diagram,
+)
+from .model import CALIBRATION
+from .procedures import collect_errors, level_noises
+
+__all__ = ["calibrate", "evaluate_scores", "holdout_set", "metrics_report"]
+
+
+def holdout_set(run_dir: Path, size: int, limit_per_class: int | None = None, seed: int = 0) -> CropSet:
+    """The training cells a run held out (``holdout.json``), loaded at ``size``."""
+    from PIL import Image
+
+    info = json.loads((Path(run_dir) / "holdout.json").read_text(encoding="utf-8"))
+    paths = [Path(p) for p in info["paths"]]
+    labels = [p.parent.name for p in paths]
+    data = Path(info["data"])
+    lab_by_path = {}
+    from scope_stream.datasets import read_labels_csv
+
+    for row in read_labels_csv(data):
+        lab_by_path[str(row.path)] = row.label
+    labels = [lab_by_path.get(str(p), lab) for p, lab in zip(paths, labels, strict=True)]
+    idx = np.arange(len(paths))
+    if limit_per_class is not None:
+        rng = np.random.default_rng(seed)
+        keep: list[int] = []
+        for lab in sorted(set(labels)):
+            own = idx[np.array(labels) == lab]
+            keep.extend(sorted(rng.permutation(own)[:limit_per_class].tolist()))
+        idx = np.array(keep)
+    imgs = np.stack([np.asarray(Image.open(paths[i]).convert("RGB")) for i in idx])
+    return CropSet(resize_crops(imgs, size), [labels[i] for i in idx], [paths[i] for i in idx])
+
+
+def calibrate(
+    clf: DiffusionClassifier,
+    cells: CropSet,
+    *,
+    timesteps: tuple[int, ...] = CANDIDATE_TIMESTEPS,
+    noises_per_timestep: int = 2,
+    false_flag_rate: float = 0.05,
+    write: bool = True,
+    info: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Fit the calibration of ``clf`` on labelled normal ``cells`` and write ``calibration.json``."""
+    y = cells.label_indices(clf.classes)
+    if (y < 0).any():
+        unknown = sorted({lab for lab, k in zip(cells.labels, y, strict=True) if k < 0})
+        raise ValueError(f"calibration cells have labels the model does not know: {unknown}")
+    ts = [t for t in timesteps if t < clf.spec.num_train_timesteps]
+    cand_t = [t for t in ts for _ in range(noises_per_timestep)]
+    cand_seed = [1000 + i for i in range(len(cand_t))]
+    t0 = time.perf_counter()
+    x0 = clf.prepare(cells.images)
+    noise = level_noises(cand_seed, tuple(x0.shape[1:]))
+    errors = collect_errors(clf.denoiser, x0, len(clf.classes), cand_t, noise)
+    meta = {"seconds_collecting_errors": time.perf_counter() - t0, **(info or {})}
+    cal = fit_calibration(
+        errors,
+        y,
+        cand_t,
+        cand_seed,
+        num_train_timesteps=clf.spec.num_train_timesteps,
+        false_flag_rate=false_flag_rate,
+        info=meta,
+    )
+    clf.calibration = cal
+    out = cal.to_json()
+    if write:
+        path = clf.model_dir / CALIBRATION
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(out, indent=2), encoding="utf-8")
+        tmp.replace(path)
+    return out
+
+
+def metrics_report(
+    classes: list[str],
+    labels: list[str],
+    s: Scores,
+    anomaly_classes: list[str],
+    png: Path | None = None,
+    title: str = "",
+) -> dict[str, Any]:
+    """Accuracy, balanced accuracy, macro-F1, recalls, confusion, ECE and anomaly AUROCs for scored cells.
+
+    Cells whose label the model does not know count as errors for accuracy; they count as anomalies
+    only when listed in ``anomaly_classes`` (other unknown labels are left out of the AUROC).
+    """
+    lookup = {c: i for i, c in enumerate(classes)}
+    y = np.array([lookup.get(lab, -1) for lab in labels])
+    pred = s.labels
+    known = y >= 0
+    rep: dict[str, Any] = {"n_cells": len(labels), "n_known": int(known.sum()), "classes": classes}
+    if len(labels) == 0:
+        raise ValueError("no cells to evaluate")
+    rep["accuracy_all"] = float(np.mean(pred == y))
+    if known.any():
+        yk, pk = y[known], pred[known]
+        rep["accuracy"] = float(np.mean(pk == yk))
+        rep["balanced_accuracy"] = balanced_accuracy(yk, pk)
+        rep["macro_f1"] = macro_f1(yk, pk)
+        rep["per_class_recall"] = {classes[c]: float(np.mean(pk[yk == c] == c)) for c in np.unique(yk)}
+        rep["confusion_matrix"] = confusion_matrix(yk, pk, len(classes)).tolist()
+        conf = s.probabilities[known].max(axis=1)
+        rep["ece_15"] = expected_calibration_error(conf, pk == yk, 15)
+        rep["mean_confidence"] = float(conf.mean())
+        if png is not None:
+            reliability_diagram(conf, pk == yk, png, 15, title)
+            rep["reliability_png"] = str(png)
+    unknown = sorted({lab for lab, k in zip(labels, y, strict=True) if k < 0})
+    rep["unknown_labels"] = unknown
+    listed = np.array([lab in set(anomaly_classes) for lab in labels])
+    use = known | listed
+    if anomaly_classes and listed.any() and known.any():
+        pos = listed[use]
+        rep["anomaly_auroc"] = {
+            "relative": auroc(s.anomaly[use], pos),
+            "absolute": auroc(s.anomaly_absolute[use], pos),
+            "entropy": auroc(s.uncertainty[use], pos),
+        }
+        rep["anomaly_classes"] = anomaly_classes
+        rep["n_anomalies"] = int(listed.sum())
+    rep["evaluations_per_cell"] = float(s.evaluations.mean())
+    rep["seconds"] = s.seconds
+    rep["cells_per_s"] = len(labels) / s.seconds if s.seconds > 0 else None
+    return rep
+
+
+def evaluate_scores(
+    clf: DiffusionClassifier,
+    cells: CropSet,
+    anomaly_classes: list[str],
+    procedure: Procedure = "fast",
+    png: Path | None = None,
+) -> tuple[dict[str, Any], Scores]:
+    s = clf.score(cells.images, procedure)
+    rep = metrics_report(clf.classes, cells.labels, s, anomaly_classes, png, f"{clf.model_id} ({procedure})")
+    rep["procedure"] = procedure
+    rep["model_id"] = clf.model_id
+    return rep, s
+
+
+def load_eval_cells(data: Path, size: int, split: str | None, limit_per_class: int | None, seed: int = 0) -> CropSet:
+    return load_crops(data, size, split=split, limit_per_class=limit_per_class, seed=seed)

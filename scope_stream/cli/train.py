@@ -1,0 +1,183 @@
+"""``scope-stream train``, ``scope-stream generate`` and ``scope-stream evaluate classifier``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from .app import app, evaluate_app, fail
+
+
+@app.command()
+def train(
+    config: Annotated[Path, typer.Option("--config", "-c", help="A training config (kind: train).")],
+    out: Annotated[Path | None, typer.Option(help="Override the output folder.")] = None,
+    steps: Annotated[int | None, typer.Option(help="Override the number of steps.")] = None,
+    max_minutes: Annotated[float | None, typer.Option(help="Override the wall-clock budget.")] = None,
+) -> None:
+    """Train the diffusion classifier (or the baseline CNN) on a folder with labels.csv."""
+    from scope_stream.config import ConfigError, load_train_config
+
+    try:
+        cfg = load_train_config(config)
+        if out is not None:
+            cfg.out = out
+        if steps is not None:
+            cfg.steps = steps
+        if max_minutes is not None:
+            cfg.max_minutes = max_minutes
+    except (ConfigError, ValueError) as exc:
+        raise fail(str(exc)) from exc
+    try:
+        if cfg.model_type == "autoencoder":
+            from scope_stream.classify.autoencoder import train_autoencoder
+
+            train_autoencoder(cfg)
+        elif cfg.model_type == "baseline":
+            from scope_stream.classify.baseline import train_baseline
+
+            train_baseline(cfg)
+        else:
+            from scope_stream.classify.train import train_diffusion
+
+            train_diffusion(cfg)
+    except (FileNotFoundError, ValueError) as exc:
+        raise fail(str(exc)) from exc
+
+
+@app.command()
+def calibrate(
+    model: Annotated[Path, typer.Option(help="Model directory to calibrate (writes calibration.json into it).")],
+    run: Annotated[Path, typer.Option(help="The training run folder holding holdout.json.")],
+    per_class: Annotated[int, typer.Option(help="At most this many held-out cells per class.")] = 50,
+    noises: Annotated[int, typer.Option(help="Candidate noises per candidate timestep.")] = 2,
+    false_flag_rate: Annotated[float, typer.Option(help="Flag thresholds at this rate on normal cells.")] = 0.05,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+) -> None:
+    """Fit temperature, fast-procedure plan, anomaly reference and flag thresholds on held-out train cells."""
+    import json
+
+    from scope_stream.classify.classifier import DiffusionClassifier
+    from scope_stream.classify.evaluate import calibrate as do_calibrate
+    from scope_stream.classify.evaluate import holdout_set
+    from scope_stream.classify.model import ModelError
+
+    try:
+        clf = DiffusionClassifier.load(model, device)
+        cells = holdout_set(run, clf.image_size, per_class)
+    except (ModelError, FileNotFoundError, ValueError) as exc:
+        raise fail(str(exc)) from exc
+    out = do_calibrate(
+        clf,
+        cells,
+        noises_per_timestep=noises,
+        false_flag_rate=false_flag_rate,
+        info={
+            "fitted_on": f"{len(cells)} cells held out of the training split ({run}/holdout.json)",
+            "per_class": per_class,
+        },
+    )
+    typer.echo(
+        json.dumps(
+            {
+                "plan": out["fast"]["plan"],
+                "temperature": out["fast"]["temperature"],
+                "info": {k: v for k, v in out["info"].items() if "candidate" not in k},
+            },
+            indent=2,
+        )
+    )
+
+
+def _parse_list(text: str | None) -> list[str]:
+    return [s.strip() for s in (text or "").split(",") if s.strip()]
+
+
+@evaluate_app.command("classifier")
+def evaluate_classifier(
+    data: Annotated[Path, typer.Option(help="A folder with labels.csv (path,label[,split]).")],
+    json_out: Annotated[Path, typer.Option("--json", help="Where to write the metrics JSON.")],
+    model: Annotated[Path | None, typer.Option(help="Model directory (default: the shipped model).")] = None,
+    anomaly_classes: Annotated[str | None, typer.Option(help="Comma-separated labels counted as anomalies.")] = None,
+    split: Annotated[str | None, typer.Option(help="Only rows of this split (default: all rows).")] = None,
+    procedure: Annotated[str, typer.Option(help="fast or reference.")] = "fast",
+    limit_per_class: Annotated[int | None, typer.Option(help="At most this many cells per label (seeded).")] = None,
+    png: Annotated[Path | None, typer.Option(help="Reliability diagram PNG (default: next to the JSON).")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+) -> None:
+    """Accuracy, balanced accuracy, macro-F1, recalls, confusion, ECE, anomaly AUROC and a reliability PNG."""
+    import json
+
+    from scope_stream.classify.baseline import CnnClassifier, is_cnn_dir
+    from scope_stream.classify.classifier import DEFAULT_MODEL_DIR, DiffusionClassifier
+    from scope_stream.classify.data import load_crops
+    from scope_stream.classify.evaluate import metrics_report
+    from scope_stream.classify.model import ModelError
+    from scope_stream.datasets import DatasetError
+
+    if procedure not in ("fast", "reference"):
+        raise fail(f"--procedure must be fast or reference, got {procedure!r}")
+    model_dir = model if model is not None else DEFAULT_MODEL_DIR
+    try:
+        clf: CnnClassifier | DiffusionClassifier = (
+            CnnClassifier(model_dir, device) if is_cnn_dir(model_dir) else DiffusionClassifier.load(model_dir, device)
+        )
+        cells = load_crops(data, clf.image_size, split=split, limit_per_class=limit_per_class, progress=True)
+    except (ModelError, DatasetError, FileNotFoundError, ValueError) as exc:
+        raise fail(str(exc)) from exc
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    console.print(f"scoring {len(cells)} cells with {clf.model_id} ({procedure}) ...")
+    s = clf.score(cells.images, procedure)  # type: ignore[arg-type]
+    png_path = png if png is not None else json_out.with_suffix(".png")
+    rep = metrics_report(
+        clf.classes, cells.labels, s, _parse_list(anomaly_classes), png_path, f"{clf.model_id} ({procedure})"
+    )
+    rep.update(
+        {
+            "model_id": clf.model_id,
+            "model_dir": str(model_dir),
+            "procedure": procedure,
+            "data": str(data),
+            "split": split,
+            "limit_per_class": limit_per_class,
+        }
+    )
+    json_out.parent.mkdir(parents=True, exist_ok=True)
+    json_out.write_text(json.dumps(rep, indent=2), encoding="utf-8")
+    keys = (
+        "accuracy",
+        "balanced_accuracy",
+        "macro_f1",
+        "ece_15",
+        "anomaly_auroc",
+        "evaluations_per_cell",
+        "cells_per_s",
+    )
+    console.print_json(json.dumps({k: rep.get(k) for k in keys}))
+
+
+@app.command()
+def generate(
+    label: Annotated[str, typer.Option(help="The class to sample.")],
+    n: Annotated[int, typer.Option("-n", help="Number of cells.")] = 16,
+    out: Annotated[Path, typer.Option(help="Grid PNG to write.")] = Path("generated.png"),
+    model: Annotated[Path | None, typer.Option(help="Model directory (default: the shipped model).")] = None,
+    steps: Annotated[int, typer.Option(help="DDIM steps.")] = 50,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+) -> None:
+    """Sample synthetic cells of one class from the diffusion model into a grid PNG."""
+    from scope_stream.classify.classifier import DiffusionClassifier
+    from scope_stream.classify.generate import sample_cells, save_grid
+    from scope_stream.classify.model import ModelError
+
+    try:
+        clf = DiffusionClassifier.load(model, device)
+        imgs = sample_cells(clf, label, n, steps, seed)
+    except (ModelError, ValueError) as exc:
+        raise fail(str(exc)) from exc
+    typer.echo(str(save_grid(imgs, out)))

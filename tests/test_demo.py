@@ -1,0 +1,80 @@
+"""The main job end to end: a small demo scan (tiny real model, small virtual slide) checked against truth."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from scope_stream.config import ScopeStreamConfig
+from scope_stream.demo.run import default_demo_config, run_demo
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from scope_stream.classify.testing import make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("tiny"), classes=["neutrophil", "lymphocyte"], steps=30)
+
+
+def _small(model: Path, **flags: object) -> ScopeStreamConfig:
+    return ScopeStreamConfig.model_validate(
+        {
+            "slide_id": "test-slide",
+            "microscope": {
+                "seed": 3,
+                "wbc_per_mm2": 150,
+                "abnormal_fraction": 0.3,
+                "camera_width": 256,
+                "camera_height": 256,
+            },
+            "scan": {"x0_um": 0, "y0_um": 0, "x1_um": 300, "y1_um": 300, "overlap": 0.15, "reimage_budget": 2},
+            "pipeline": {"n_workers": 1},
+            "classifier": {"model": str(model)},
+            "flags": flags,
+        }
+    )
+
+
+def test_default_demo_config_matches_configs_demo_yaml(repo_root: Path) -> None:
+    from scope_stream.config import load_scope_config
+
+    assert load_scope_config(repo_root / "configs" / "demo.yaml") == default_demo_config()
+
+
+@pytest.mark.slow
+def test_small_demo_scan_reports_against_ground_truth(tiny_model: Path, tmp_path: Path) -> None:
+    # anomaly threshold 0: every classified white cell is flagged, so the report's sensitivity and
+    # false-flag figures are fixed by detection alone and can be checked exactly against the truth
+    cfg = _small(tiny_model, anomaly_threshold=0.0)
+    report = run_demo(cfg, tmp_path, viewer=False)
+
+    on_disk = json.loads((tmp_path / "report.json").read_text())
+    assert on_disk["slide_id"] == "test-slide" and (tmp_path / "report.html").is_file()
+    from scope_stream.acquire.plan import ScanPlan
+
+    planned = len(ScanPlan.from_config(cfg))
+    assert planned >= 4 and report["tiles"]["scan"] == planned  # every field of the plan, once
+    gt = report["ground_truth"]
+    assert gt["wbc_planted"] >= 10 and gt["wbc_recall"] >= 0.9
+    assert gt["planted_abnormal"] >= 2
+    # everything detected is flagged: every detected planted abnormal cell is found ...
+    assert gt["flags"] == report["cells"]["WBC"] == len(report["flagged"])
+    assert gt["sensitivity"] >= 0.9
+    # ... and every flag that is not on a planted abnormal cell is a false flag
+    assert gt["false_flags"] == gt["flags"] - gt["found_abnormal"]
+    assert gt["false_flags_per_100_wbc"] == pytest.approx(100 * gt["false_flags"] / gt["wbc_detected"])
+    # adaptive re-imaging spent its budget on flagged cells
+    assert report["tiles"]["reimage"] >= 1 and len(report["run"]["reimages"]) <= 2
+    assert report["speed"]["latency_ms"]["p50"] is not None and report["speed"]["tiles_per_s"] > 0
+    assert sum(v["count"] for v in report["differential"].values()) == report["cells"]["WBC"]
+
+
+@pytest.mark.slow
+def test_demo_with_nothing_flagged(tiny_model: Path, tmp_path: Path) -> None:
+    cfg = _small(tiny_model, anomaly_threshold=1.0, uncertainty_threshold=1.0)
+    report = run_demo(cfg, tmp_path, viewer=False)
+    gt = report["ground_truth"]
+    assert report["flagged"] == [] and gt["found_abnormal"] == 0 and gt["sensitivity"] == 0.0
+    assert report["needs_review"] is False and report["tiles"]["reimage"] == 0
