@@ -69,6 +69,10 @@ def test_small_demo_scan_reports_against_ground_truth(tiny_model: Path, tmp_path
     assert report["tiles"]["reimage"] >= 1 and len(report["run"]["reimages"]) <= 2
     assert report["speed"]["latency_ms"]["p50"] is not None and report["speed"]["tiles_per_s"] > 0
     assert sum(v["count"] for v in report["differential"].values()) == report["cells"]["WBC"]
+    # the classifier's own figures on the planted cells it was shown
+    cs = report["classifier_on_slide"]
+    assert cs["matched"] == sum(n for row in cs["confusion"].values() for n in row.values()) >= 10
+    assert 0.0 <= cs["accuracy_normal"] <= 1.0 and (cs["anomaly_auroc"] is None or 0 <= cs["anomaly_auroc"] <= 1)
 
 
 @pytest.mark.slow

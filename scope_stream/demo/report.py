@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .metrics import Point, differential_count, percentiles, score_scan
+from .metrics import Point, differential_count, match_points, percentiles, score_scan
 
 if TYPE_CHECKING:
     from scope_stream.acquire.slide import PlantedCell
@@ -109,6 +109,7 @@ def build_report(
             radius_um=match_radius_um,
         )
         by_id = {t.cell_id: t for t in imaged}
+        report["classifier_on_slide"] = classifier_on_slide(imaged, wbc, match_radius_um)
         report["ground_truth"] = {
             **score.as_dict(),
             "match_radius_um": match_radius_um,
@@ -119,6 +120,47 @@ def build_report(
             ],
         }
     return report
+
+
+def classifier_on_slide(
+    imaged: Sequence[PlantedCell], wbc: Sequence[dict[str, Any]], radius_um: float
+) -> dict[str, Any]:
+    """How the classifier did on the planted white cells it was shown (matched by position).
+
+    ``accuracy_normal``: share of matched normal cells given their planted label; ``anomaly_auroc``: how well the
+    anomaly score ranks the planted abnormal cells above the normal ones (None without both kinds);
+    ``confusion``: planted label -> predicted label -> count.
+    """
+    from scope_stream.classify.metrics import auroc
+
+    called = [c for c in wbc if c["label"]]
+    pairs = match_points(
+        [Point(t.cell_id, t.x_um, t.y_um) for t in imaged],
+        [Point(c["cell_id"], c["x_um"], c["y_um"]) for c in called],
+        radius_um,
+    )
+    confusion: dict[str, dict[str, int]] = {}
+    normal_hits = normal = 0
+    scores, abnormal = [], []
+    for ti, ci, _ in pairs:
+        t, c = imaged[ti], called[ci]
+        row = confusion.setdefault(t.label, {})
+        row[c["label"]] = row.get(c["label"], 0) + 1
+        if not t.abnormal:
+            normal += 1
+            normal_hits += int(c["label"] == t.label)
+        if c["anomaly_score"] is not None:
+            scores.append(float(c["anomaly_score"]))
+            abnormal.append(t.abnormal)
+    auc = None
+    if any(abnormal) and not all(abnormal):
+        auc = round(auroc(np.asarray(scores), np.asarray(abnormal)), 4)
+    return {
+        "matched": len(pairs),
+        "accuracy_normal": round(normal_hits / normal, 4) if normal else None,
+        "anomaly_auroc": auc,
+        "confusion": confusion,
+    }
 
 
 def write_report(report: dict[str, Any], out_dir: Path) -> Path:
@@ -156,6 +198,12 @@ def write_html(report: dict[str, Any], store: SlideStore, out_dir: Path, max_cel
             f" ({gt['false_flags']} of {gt['flags']} flags)</td></tr>"
         )
         rows.append(f"<tr><th>White-cell detection recall</th><td>{gt['wbc_matched']} / {gt['wbc_planted']}</td></tr>")
+        cs = report.get("classifier_on_slide") or {}
+        if cs:
+            rows.append(
+                f"<tr><th>Classifier on the planted cells</th><td>accuracy on normal cells {cs['accuracy_normal']}, "
+                f"anomaly AUROC {cs['anomaly_auroc']} ({cs['matched']} cells)</td></tr>"
+            )
     sp = report["speed"]
     rows += [
         f"<tr><th>Tiles</th><td>{report['tiles']['scan']} scanned, {report['tiles']['reimage']} re-imaged</td></tr>",

@@ -29,6 +29,13 @@ def summary_table(report: dict[str, Any]) -> Table:
         )
         t.add_row("false flags / 100 WBC", _fmt(gt["false_flags_per_100_wbc"], ".1f"))
         t.add_row("WBC detection recall", f"{gt['wbc_matched']}/{gt['wbc_planted']}")
+    cs = report.get("classifier_on_slide")
+    if cs:
+        t.add_row(
+            "classifier on planted cells",
+            f"accuracy (normal) {_fmt(cs['accuracy_normal'], '.2f')}, anomaly AUROC {_fmt(cs['anomaly_auroc'], '.2f')}"
+            f" ({cs['matched']} cells)",
+        )
     sp = report["speed"]
     t.add_row(
         "speed",
