@@ -23,9 +23,14 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/scope-stream demo --no-viewer
 
+# The multi-process pipeline tests run one file per pytest process: together in one process they have hung
+# (state left between files; being investigated), alone each file passes.
+PIPELINE_TESTS := $(sort $(wildcard tests/test_pipeline_*.py))
+
 test: $(STAMP)
-	@rc=0; $(VENV)/bin/pytest $(PYTEST_ARGS) || rc=$$?; \
-	if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 0; fi; exit $$rc
+	@rc=0; $(VENV)/bin/pytest $(PYTEST_ARGS) $(addprefix --ignore=,$(PIPELINE_TESTS)) || rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; rc=0; fi; \
+	for f in $(PIPELINE_TESTS); do $(VENV)/bin/pytest $(PYTEST_ARGS) $$f || rc=1; done; exit $$rc
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
