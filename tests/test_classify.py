@@ -384,3 +384,63 @@ def test_pruned_classes_are_scored_on_the_winners_scale() -> None:
     out = paired_prune_scores(final, stage1, alive)
     assert out[0, 0] == 2.0 and out[0, 1] == 1.8
     assert out[0, 2] == pytest.approx(1.8 + (3.0 - 1.1))
+
+
+# ------------------------------------------------------------------------------ centre-weighted error
+def test_centre_weights_peak_in_the_middle_and_average_one() -> None:
+    from scope_stream.classify.procedures import centre_weights
+
+    w = centre_weights(32, 32, 0.22).numpy()
+    assert w.mean() == pytest.approx(1.0, rel=1e-5)
+    assert w[15:17, 15:17].min() > 2.0 > 0.05 > w[0, 0]
+    assert np.allclose(w, w[::-1, :]) and np.allclose(w, w[:, ::-1])  # symmetric about the centre
+    assert (centre_weights(16, 16, 0.0).numpy() == 1.0).all()  # 0: CytoDiffusion's plain mean
+
+
+def test_centre_weighting_discounts_what_happens_at_the_crop_border(clf: DiffusionClassifier) -> None:
+    """The same cell with its surroundings changed: a plain mean error moves, a centre-weighted one far less."""
+    import torch
+
+    from scope_stream.classify.procedures import Denoiser, collect_errors, level_noises
+
+    x, _ = toy_crops(4, 2, 16, seed=3)
+    x0 = clf.prepare(x)
+    moved = x0.clone()
+    moved[..., :3, :] = torch.rand_like(moved[..., :3, :]) * 2 - 1  # new "background" along one edge
+    noise = level_noises([11, 12], tuple(x0.shape[1:]))
+
+    def change(sigma: float) -> float:
+        den = Denoiser(clf.unet, clf.denoiser.acp, "cpu", centre_sigma=sigma)
+        a = collect_errors(den, x0, 2, [100, 300], noise)
+        b = collect_errors(den, moved, 2, [100, 300], noise)
+        return float(np.abs(b - a).mean() / a.mean())
+
+    assert change(0.15) < 0.5 * change(0.0)
+    with pytest.raises(ValueError, match="centre_sigma"):
+        Denoiser(clf.unet, clf.denoiser.acp, "cpu", centre_sigma=-1.0)
+
+
+def test_calibration_records_its_error_weighting_and_old_files_mean_uniform(clf: DiffusionClassifier) -> None:
+    from scope_stream.classify.calibration import Calibration
+
+    assert clf.calibration is not None
+    d = clf.calibration.to_json()
+    d["error_weighting"]["sigma_frac"] = 0.2
+    assert Calibration.from_json(d).centre_sigma == 0.2
+    del d["error_weighting"]
+    assert Calibration.from_json(d).centre_sigma == 0.0
+
+
+def test_calibrating_with_centre_weighting_sticks_to_the_model(tiny: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from scope_stream.classify.evaluate import calibrate as do_calibrate
+    from scope_stream.classify.evaluate import holdout_set
+
+    model = tmp_path / "m"
+    shutil.copytree(tiny, model)
+    c = DiffusionClassifier.load(model, device="cpu")
+    cells = holdout_set(tiny.parent, c.image_size, 4)
+    out = do_calibrate(c, cells, timesteps=(50, 200), noises_per_timestep=1, centre_sigma=0.25)
+    assert out["error_weighting"]["sigma_frac"] == 0.25
+    assert DiffusionClassifier.load(model, device="cpu").denoiser.centre_sigma == 0.25

@@ -98,6 +98,7 @@ class Calibration:
     anomaly_threshold: float
     uncertainty_threshold: float
     info: dict[str, Any]
+    centre_sigma: float = 0.0  # error weighting the whole calibration was fitted with (see Denoiser)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -109,6 +110,7 @@ class Calibration:
             },
             "reference": {"temperature": self.reference_temperature, "anomaly": self.reference_anomaly.__dict__},
             "flags": {"anomaly_threshold": self.anomaly_threshold, "uncertainty_threshold": self.uncertainty_threshold},
+            "error_weighting": {"kind": "centre_gaussian", "sigma_frac": self.centre_sigma},
             "info": self.info,
         }
 
@@ -123,6 +125,8 @@ class Calibration:
             anomaly_threshold=float(d["flags"]["anomaly_threshold"]),
             uncertainty_threshold=float(d["flags"]["uncertainty_threshold"]),
             info=dict(d.get("info", {})),
+            # files written before error weighting existed were fitted with the plain mean
+            centre_sigma=float(d.get("error_weighting", {}).get("sigma_frac", 0.0)),
         )
 
 
@@ -143,8 +147,11 @@ def fit_calibration(
     tolerance: float = 0.005,
     false_flag_rate: float = 0.05,
     info: dict[str, Any] | None = None,
+    centre_sigma: float = 0.0,
 ) -> Calibration:
     """Fit everything from ``errors (N, C, L)`` over candidate pairs (``timesteps[l]``, ``noise_seeds[l]``).
+
+    ``centre_sigma`` is only recorded: the error weighting ``errors`` were collected with.
 
     1. Per-level weights ``1 / mean error`` (each level contributes on the same scale).
     2. Greedy forward selection of levels minimising the tempered NLL; the plan keeps the shortest
@@ -233,4 +240,5 @@ def fit_calibration(
         anomaly_threshold=1.0 - false_flag_rate,
         uncertainty_threshold=float(np.quantile(unc, 1.0 - false_flag_rate)),
         info=meta,
+        centre_sigma=centre_sigma,
     )

@@ -71,7 +71,10 @@ class DiffusionClassifier:
 
             self.vae, self.ae_spec = load_autoencoder(self.model_dir / "autoencoder", self.device)
         bf16 = self.device.startswith("cuda")
-        self.denoiser = Denoiser(self.unet, alphas_cumprod(self.spec), self.device, max_batch=max_batch, bf16=bf16)
+        sigma = self.calibration.centre_sigma if self.calibration is not None else 0.0
+        self.denoiser = Denoiser(
+            self.unet, alphas_cumprod(self.spec), self.device, max_batch=max_batch, bf16=bf16, centre_sigma=sigma
+        )
         self.reference_params = ReferenceParams()
         self._torch = torch
 

@@ -61,8 +61,13 @@ def calibrate(
     false_flag_rate: float = 0.05,
     write: bool = True,
     info: dict[str, Any] | None = None,
+    centre_sigma: float = 0.0,
 ) -> dict[str, Any]:
-    """Fit the calibration of ``clf`` on labelled normal ``cells`` and write ``calibration.json``."""
+    """Fit the calibration of ``clf`` on labelled normal ``cells`` and write ``calibration.json``.
+
+    ``centre_sigma``: weight the denoising error towards the crop centre (see ``Denoiser``); from
+    then on ``clf`` and every later load of the model classify with that weighting.
+    """
     y = cells.label_indices(clf.classes)
     if (y < 0).any():
         unknown = sorted({lab for lab, k in zip(cells.labels, y, strict=True) if k < 0})
@@ -71,6 +76,7 @@ def calibrate(
     cand_t = [t for t in ts for _ in range(noises_per_timestep)]
     cand_seed = [1000 + i for i in range(len(cand_t))]
     t0 = time.perf_counter()
+    clf.denoiser.centre_sigma = float(centre_sigma)
     x0 = clf.prepare(cells.images)
     noise = level_noises(cand_seed, tuple(x0.shape[1:]))
     errors = collect_errors(clf.denoiser, x0, len(clf.classes), cand_t, noise)
@@ -83,6 +89,7 @@ def calibrate(
         num_train_timesteps=clf.spec.num_train_timesteps,
         false_flag_rate=false_flag_rate,
         info=meta,
+        centre_sigma=centre_sigma,
     )
     clf.calibration = cal
     out = cal.to_json()

@@ -54,6 +54,15 @@ def calibrate(
     per_class: Annotated[int, typer.Option(help="At most this many held-out cells per class.")] = 50,
     noises: Annotated[int, typer.Option(help="Candidate noises per candidate timestep.")] = 2,
     false_flag_rate: Annotated[float, typer.Option(help="Flag thresholds at this rate on normal cells.")] = 0.05,
+    centre_sigma: Annotated[
+        float,
+        typer.Option(
+            help="Weight the denoising error towards the crop centre: a Gaussian with this standard deviation, "
+            "as a fraction of the crop side (0: CytoDiffusion's plain mean over the crop).",
+            min=0.0,
+            max=5.0,
+        ),
+    ] = 0.22,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
 ) -> None:
     """Fit temperature, fast-procedure plan, anomaly reference and flag thresholds on held-out train cells."""
@@ -74,6 +83,7 @@ def calibrate(
         cells,
         noises_per_timestep=noises,
         false_flag_rate=false_flag_rate,
+        centre_sigma=centre_sigma,
         info={
             "fitted_on": f"{len(cells)} cells held out of the training split ({run}/holdout.json)",
             "per_class": per_class,
