@@ -29,16 +29,15 @@ from __future__ import annotations
 
 import json
 import logging
-import queue
 import threading
-import time
 import uuid
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from .tiles import FrameError, SendStats, SinkLike, as_pixels, deliver, first_number, make_tile
+from .relay import TileRelay
+from .tiles import FrameError, SinkLike, as_pixels, first_number, make_tile
 
 if TYPE_CHECKING:
     from scope_stream.vocabulary import Tile
@@ -64,8 +63,6 @@ Backend = Literal["auto", "java", "python"]
 
 #: ``namer(axes) -> (tile_id, kind, extra_metadata)``: how tiles of an acquisition are named.
 TileNamer = Callable[[Mapping[str, Any]], tuple[str, str, dict[str, Any]]]
-
-_STOP = object()
 
 
 def detect_backend() -> Literal["java", "python"]:
@@ -160,7 +157,7 @@ def tile_from_pycromanager(
     )
 
 
-class PycromanagerListener:
+class PycromanagerListener(TileRelay):
     """pycromanager's ``image_process_fn`` (and ``image_saved_fn``) streaming tiles to ``sink``.
 
     Parameters
@@ -197,30 +194,20 @@ class PycromanagerListener:
         owns_sink: bool = False,
         on_image: Callable[[dict[str, Any]], Any] | None = None,
     ) -> None:
-        if not slide_id:
-            raise ValueError("slide_id must be a non-empty string")
-        self.sink = sink
-        self.slide_id = slide_id
+        super().__init__(
+            sink, slide_id=slide_id, max_queue_bytes=max_queue_bytes, on_tile=on_tile, label="pycromanager listener"
+        )
         self.backend = backend
         self.objective = objective
         self.pixel_size_um = pixel_size_um
         self.namer = namer or default_namer(f"a{uuid.uuid4().hex[:6]}")
-        self.on_tile = on_tile
         self.owns_sink = owns_sink  # close() closes the sink too (it was made for this listener)
         self.on_image = on_image  # called at once, on pycromanager's thread, with each image's metadata
         self.images = 0  # images pycromanager handed over
-        self.stats = SendStats()
         self._resolved: Literal["java", "python"] | None = None if backend == "auto" else backend
         self._seq = 0
         self._lock = threading.Lock()
         self._asynchronous = asynchronous
-        self._max_queue_bytes = max_queue_bytes
-        self._queued_bytes = 0
-        self._space = threading.Condition()
-        self._queue: queue.Queue[Any] = queue.Queue()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._closed = False
 
     # ------------------------------------------------------------------ pycromanager hooks
     def __call__(self, image: np.ndarray, metadata: dict[str, Any]) -> tuple[np.ndarray, dict[str, Any]]:
@@ -253,35 +240,14 @@ class PycromanagerListener:
         except Exception as exc:
             self.stats.error(f"pycromanager listener: saved image {axes} not streamed: {type(exc).__name__}: {exc}")
 
-    # ------------------------------------------------------------------ lifecycle
-    def flush(self, timeout: float = 30.0) -> bool:
-        """Wait until every image taken so far was sent (or failed); True if in time."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self._queue.unfinished_tasks == 0:
-                return True
-            time.sleep(0.005)
-        return self._queue.unfinished_tasks == 0
-
+    # ------------------------------------------------------------------ lifecycle (flush: TileRelay)
     def close(self, timeout: float = 60.0) -> bool:
         """Send what is queued (up to ``timeout``) and stop the sending thread; True if all was sent."""
-        done = self.flush(timeout)
-        self._closed = True
-        self._stop.set()
-        if self._thread is not None:
-            self._queue.put(_STOP)
-            self._thread.join(5.0)
-            self._thread = None
+        done = super().close(timeout)
         close_sink = getattr(self.sink, "close", None)
         if self.owns_sink and callable(close_sink):
             close_sink()
         return done
-
-    def __enter__(self) -> PycromanagerListener:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     # ------------------------------------------------------------------ internals
     def _take(self, image: np.ndarray, metadata: dict[str, Any]) -> None:
@@ -297,33 +263,8 @@ class PycromanagerListener:
         if self._thread is None:
             with self._lock:
                 if self._thread is None:
-                    self._thread = threading.Thread(target=self._run, name="scope-stream-pycro-send", daemon=True)
-                    self._thread.start()
-        nbytes = int(getattr(image, "nbytes", 0))
-        with self._space:
-            while self._queued_bytes + nbytes > self._max_queue_bytes and self._queued_bytes > 0:
-                log.warning(
-                    "pycromanager listener: %d bytes waiting to be sent; the acquisition waits", self._queued_bytes
-                )
-                self._space.wait(1.0)
-            self._queued_bytes += nbytes
-        self._queue.put((image, dict(metadata)))
-
-    def _run(self) -> None:
-        while True:
-            item = self._queue.get()
-            try:
-                if item is _STOP:
-                    return
-                image, metadata = item
-                try:
-                    self._process(image, metadata)
-                finally:
-                    with self._space:
-                        self._queued_bytes -= int(getattr(image, "nbytes", 0))
-                        self._space.notify_all()
-            finally:
-                self._queue.task_done()
+                    self._start_relay("scope-stream-pycro-send")
+        self._enqueue(image, dict(metadata))
 
     def _process(self, image: np.ndarray, metadata: dict[str, Any]) -> None:
         with self._lock:
@@ -343,11 +284,7 @@ class PycromanagerListener:
         except Exception as exc:
             self.stats.error(f"pycromanager listener: image {metadata.get('Axes')} skipped: {exc}")
             return
-        if deliver(self.sink, tile, self.stats, stop=self._stop) and self.on_tile is not None:
-            try:
-                self.on_tile(tile)
-            except Exception:
-                log.exception("pycromanager listener: on_tile callback failed for %s", tile.tile_id)
+        self._send(tile)
 
 
 def stream_to_scope_stream(

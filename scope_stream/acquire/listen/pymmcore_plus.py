@@ -28,15 +28,14 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import queue
 import threading
-import time
 import uuid
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .tiles import FrameError, SendStats, SinkLike, as_pixels, deliver, make_tile
+from .relay import TileRelay
+from .tiles import FrameError, SinkLike, as_pixels, make_tile
 
 if TYPE_CHECKING:
     from pymmcore_plus import CMMCorePlus
@@ -51,8 +50,6 @@ log = logging.getLogger(__name__)
 #: Key of ``MDAEvent.metadata`` where scope-stream puts what the tile should be called
 #: (``{"tile_id": ..., "kind": "scan"|"reimage", "objective": ..., "request_id": ...}``).
 SCOPE_STREAM_KEY = "scope_stream"
-
-_STOP = object()
 
 
 def _jsonable(value: Any) -> Any:
@@ -83,7 +80,7 @@ def current_objective(core: Any, group: str = "Objective") -> str:
         return ""
 
 
-class PymmcorePlusListener:
+class PymmcorePlusListener(TileRelay):
     """Turn pymmcore-plus frames into tiles and send them to ``sink`` (a ``TileSource`` or callable).
 
     Parameters
@@ -111,23 +108,14 @@ class PymmcorePlusListener:
         max_queue_bytes: int = 1 << 30,
         on_tile: Any = None,
     ) -> None:
-        if not slide_id:
-            raise ValueError("slide_id must be a non-empty string")
-        self.sink = sink
-        self.slide_id = slide_id
+        super().__init__(
+            sink, slide_id=slide_id, max_queue_bytes=max_queue_bytes, on_tile=on_tile, label="mda listener"
+        )
         self.objective = objective
-        self.on_tile = on_tile
-        self.stats = SendStats()
         self._seq = 0
         self._seq_lock = threading.Lock()
         self._run_tag = uuid.uuid4().hex[:6]
-        self._max_queue_bytes = max_queue_bytes
-        self._queue: queue.Queue[Any] = queue.Queue()
-        self._queued_bytes = 0
-        self._space = threading.Condition()
-        self._stop = threading.Event()
         self._core: CMMCorePlus | None = None
-        self._thread: threading.Thread | None = None
         self._sequences = 0
 
     # ------------------------------------------------------------------ attached mode
@@ -137,8 +125,7 @@ class PymmcorePlusListener:
             raise RuntimeError("this listener is already connected to a core")
         self._core = core
         self._stop.clear()
-        self._thread = threading.Thread(target=self._relay, name="scope-stream-mda-relay", daemon=True)
-        self._thread.start()
+        self._start_relay("scope-stream-mda-relay")
         events = core.mda.events
         events.sequenceStarted.connect(self._on_sequence_started)
         events.frameReady.connect(self._on_frame)
@@ -154,31 +141,10 @@ class PymmcorePlusListener:
             with contextlib.suppress(TypeError, ValueError, RuntimeError):  # already gone
                 sig.disconnect(slot)
 
-    def flush(self, timeout: float = 30.0) -> bool:
-        """Wait until every queued frame was sent (or failed); True if in time."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self._queue.unfinished_tasks == 0:
-                return True
-            time.sleep(0.005)
-        return self._queue.unfinished_tasks == 0
-
     def close(self, timeout: float = 60.0) -> bool:
         """Disconnect, send what is queued (up to ``timeout``), stop the relay; True if all was sent."""
         self.disconnect()
-        done = self.flush(timeout)
-        self._stop.set()
-        if self._thread is not None:
-            self._queue.put(_STOP)
-            self._thread.join(5.0)
-            self._thread = None
-        return done
-
-    def __enter__(self) -> PymmcorePlusListener:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+        return super().close(timeout)
 
     def _on_sequence_started(self, sequence: MDASequence, *_: Any) -> None:
         self._sequences += 1
@@ -197,31 +163,9 @@ class PymmcorePlusListener:
                     if "x" not in pos or "y" not in pos:
                         with contextlib.suppress(Exception):
                             extra["xy"] = tuple(core.getXYPosition())
-            nbytes = int(getattr(img, "nbytes", 0))
-            with self._space:
-                while self._queued_bytes + nbytes > self._max_queue_bytes and self._queued_bytes > 0:
-                    log.warning("mda listener: %d bytes of frames waiting; the scan waits", self._queued_bytes)
-                    self._space.wait(1.0)
-                self._queued_bytes += nbytes
-            self._queue.put((img, event, meta, extra, self._run_tag))
+            self._enqueue(img, event, meta, extra, self._run_tag)
         except Exception as exc:  # never break the acquisition thread
             self.stats.error(f"mda listener: could not queue a frame: {type(exc).__name__}: {exc}")
-
-    def _relay(self) -> None:
-        while True:
-            item = self._queue.get()
-            try:
-                if item is _STOP:
-                    return
-                img, event, meta, extra, tag = item
-                try:
-                    self._process(img, event, meta, extra, tag)
-                finally:
-                    with self._space:
-                        self._queued_bytes -= int(getattr(img, "nbytes", 0))
-                        self._space.notify_all()
-            finally:
-                self._queue.task_done()
 
     # ------------------------------------------------------------------ data-handler mode
     def sequenceStarted(self, sequence: MDASequence, *args: Any) -> None:
@@ -295,8 +239,4 @@ class PymmcorePlusListener:
         except Exception as exc:
             self.stats.error(f"mda listener: frame {getattr(event, 'index', '?')} skipped: {exc}")
             return
-        if deliver(self.sink, tile, self.stats, stop=self._stop) and self.on_tile is not None:
-            try:
-                self.on_tile(tile)
-            except Exception:
-                log.exception("mda listener: on_tile callback failed for %s", tile.tile_id)
+        self._send(tile)
