@@ -128,15 +128,14 @@ def test_failing_analyzer_tile_is_retried_then_stored_failed(tmp_path: Path) -> 
     assert "fail_tile_ids" in store.tile_rows()["error"][store.tile_ids().index("t1")]
 
 
-@pytest.mark.skipif(
-    os.environ.get("CI") == "true",
-    reason="timing-sensitive on 2 cores (worker-0 may hold no tile within 20 s); runs locally",
-)
 def test_sigterm_worker_drains_its_tiles_and_stop_drains_the_pipeline(tmp_path: Path) -> None:
     cfg = fast_config(tmp_path, n_workers=2, stage_options={"delay_ms": 300}, batch_max_tiles=1)
     n = 24  # 3.6 s of work for two workers: worker-0 surely holds tiles when it is told to stop
     p = LocalPipeline(cfg, analyzer_spec=PASSTHROUGH).start()
     try:
+        # both workers must be registered before the tiles go out: on a loaded machine a worker can take
+        # seconds to start, and a lone early worker would take every tile
+        wait_until(lambda: len(p.stats()["workers"]) == 2, timeout=60.0)
         src = p.source()
         for i in range(n):
             src.send(make_tile(i, "drain"))
