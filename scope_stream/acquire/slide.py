@@ -981,6 +981,17 @@ class VirtualSlide:
         if not all(math.isfinite(v) for v in xs):
             raise SlideError(f"field position and focus offset must be finite, got {xs}")
 
+    def _field_geometry(
+        self, x_um: float, y_um: float, width_px: int, height_px: int, pixel_size_um: float, *more: float
+    ) -> tuple[int, int, float, float, float]:
+        """Check a field centred at (x_um, y_um) (and ``more`` values that must be finite).
+
+        Returns ``(w, h, ps, x_left, y_top)``: its size in pixels, the pixel size and its top-left corner in µm.
+        """
+        self._check_field(width_px, height_px, pixel_size_um, x_um, y_um, *more)
+        w, h, ps = int(width_px), int(height_px), float(pixel_size_um)
+        return w, h, ps, x_um - (w / 2.0) * ps, y_um - (h / 2.0) * ps
+
     def blur_sigma_um(self, z_offset_um: float, numerical_aperture: float = 0.5) -> float:
         """Defocus blur (Gaussian sigma, µm) at ``z_offset_um`` from best focus."""
         return self.cfg.defocus_blur_um_per_um * abs(z_offset_um) * (numerical_aperture / 0.5)
@@ -996,12 +1007,9 @@ class VirtualSlide:
         numerical_aperture: float = 0.5,
     ) -> np.ndarray:
         """The noise-free field centred at (x_um, y_um) as float32 (H, W, 3) in camera DN at ``exposure_ms``."""
-        self._check_field(width_px, height_px, pixel_size_um, x_um, y_um, z_offset_um)
-        w, h, ps = int(width_px), int(height_px), float(pixel_size_um)
+        w, h, ps, x_left, y_top = self._field_geometry(x_um, y_um, width_px, height_px, pixel_size_um, z_offset_um)
         sigma_px = self.blur_sigma_um(z_offset_um, numerical_aperture) / ps
         m = math.ceil(3.0 * sigma_px) + 1 if sigma_px > 0.2 else 0
-        x_left = x_um - (w / 2.0) * ps
-        y_top = y_um - (h / 2.0) * ps
         xs = x_left + (np.arange(w) + 0.5) * ps
         ys = y_top + (np.arange(h) + 0.5) * ps
         illum = (1.0 + 0.02 * lattice_field(self.cfg.seed, 11, xs, ys, 300.0)).astype(np.float32)
@@ -1041,10 +1049,7 @@ class VirtualSlide:
         A pixel belongs to a cell where its soft mask exceeds 0.5; white cells and platelets win over
         red cells where they overlap.
         """
-        self._check_field(width_px, height_px, pixel_size_um, x_um, y_um)
-        w, h, ps = int(width_px), int(height_px), float(pixel_size_um)
-        x_left = x_um - (w / 2.0) * ps
-        y_top = y_um - (h / 2.0) * ps
+        w, h, ps, x_left, y_top = self._field_geometry(x_um, y_um, width_px, height_px, pixel_size_um)
         labels = np.zeros((h, w), dtype=np.int32)
         cells: list[PlantedCell] = []
         with self._lock:

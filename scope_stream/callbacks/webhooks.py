@@ -153,6 +153,21 @@ class _Endpoint:
         self._busy = threading.Event()
         self.thread = threading.Thread(target=self._run, name=f"webhook {self.url_public}", daemon=True)
 
+    def _record(
+        self,
+        did: str,
+        topic: str,
+        attempt: int,
+        outcome: str,
+        status: int | None = None,
+        error: str | None = None,
+        ms: float | None = None,
+    ) -> None:
+        """Write one line of the delivery log for this endpoint (``ms``: the attempt's duration)."""
+        duration_ms = round(ms, 2) if ms is not None else None
+        rec = DeliveryRecord(time.time(), did, self.url_public, topic, attempt, outcome, status, error, duration_ms)
+        self._log.write(rec)
+
     def wants(self, topic: str) -> bool:
         return any(topic_matches(p, topic) for p in self.cfg.events)
 
@@ -161,17 +176,7 @@ class _Endpoint:
         try:
             self.queue.put_nowait((did, topic, body))
         except queue.Full:
-            self._log.write(
-                DeliveryRecord(
-                    time.time(),
-                    did,
-                    self.url_public,
-                    topic,
-                    0,
-                    "dropped",
-                    error=f"queue full ({self.cfg.queue_size} events waiting)",
-                )
-            )
+            self._record(did, topic, 0, "dropped", error=f"queue full ({self.cfg.queue_size} events waiting)")
             log.error("webhook %s: queue full, event %s (%s) dropped", self.url_public, did, topic)
 
     def idle(self) -> bool:
@@ -185,17 +190,7 @@ class _Endpoint:
                     return
                 if self._abort.is_set():
                     did, topic, _ = item
-                    self._log.write(
-                        DeliveryRecord(
-                            time.time(),
-                            did,
-                            self.url_public,
-                            topic,
-                            0,
-                            "abandoned",
-                            error="dispatcher closed before delivery",
-                        )
-                    )
+                    self._record(did, topic, 0, "abandoned", error="dispatcher closed before delivery")
                     continue
                 self._deliver(*item)
             finally:
@@ -234,43 +229,22 @@ class _Endpoint:
                 error = f"{type(exc).__name__}: {reason}"
             ms = (time.perf_counter() - t0) * 1000.0
             if status is not None and 200 <= status < 300:
-                self._log.write(
-                    DeliveryRecord(
-                        time.time(), did, self.url_public, topic, attempt, "delivered", status, None, round(ms, 2)
-                    )
-                )
+                self._record(did, topic, attempt, "delivered", status, None, ms)
                 return
             retryable = status is None or status in _RETRY_STATUS
             if not retryable or attempt > cfg.max_retries or self._abort.is_set():
                 why = error if retryable or error else f"HTTP {status}"
                 if retryable and attempt > cfg.max_retries:
                     why = f"{error} (gave up after {attempt} attempts)"
-                self._log.write(
-                    DeliveryRecord(
-                        time.time(), did, self.url_public, topic, attempt, "failed", status, why, round(ms, 2)
-                    )
-                )
+                self._record(did, topic, attempt, "failed", status, why, ms)
                 log.warning("webhook %s: %s delivery %s failed: %s", self.url_public, topic, did, why)
                 return
-            self._log.write(
-                DeliveryRecord(time.time(), did, self.url_public, topic, attempt, "retry", status, error, round(ms, 2))
-            )
+            self._record(did, topic, attempt, "retry", status, error, ms)
             delay = min(cfg.max_backoff_s, cfg.backoff_s * (2 ** (attempt - 1)))
             if retry_after is not None:
                 delay = min(cfg.max_backoff_s, max(delay, retry_after))
             if self._abort.wait(delay):
-                self._log.write(
-                    DeliveryRecord(
-                        time.time(),
-                        did,
-                        self.url_public,
-                        topic,
-                        attempt,
-                        "abandoned",
-                        status,
-                        "dispatcher closed during backoff",
-                    )
-                )
+                self._record(did, topic, attempt, "abandoned", status, "dispatcher closed during backoff")
                 return
 
 

@@ -18,7 +18,7 @@ from .app import app, fail
 
 if TYPE_CHECKING:
     from scope_stream.acquire.slide import VirtualSlide
-    from scope_stream.config import MicroscopeConfig
+    from scope_stream.config import MicroscopeConfig, ObjectiveConfig
 
 microscope_app = typer.Typer(help="The virtual microscope: render fields, export ground truth, benchmark.")
 app.add_typer(microscope_app, name="microscope")
@@ -43,6 +43,15 @@ def _microscope_cfg(config: Path | None, data_dir: Path | None, seed: int | None
     if seed is not None:
         updates["seed"] = seed
     return cfg.model_copy(update=updates) if updates else cfg
+
+
+def _objective(cfg: MicroscopeConfig, objective: str) -> tuple[str, ObjectiveConfig]:
+    """(name, objective) for ``--objective`` (default: the first configured one); unknown names fail."""
+    name = objective or cfg.objectives[0].name
+    try:
+        return name, cfg.objective(name)
+    except KeyError as exc:
+        raise fail(str(exc.args[0])) from exc
 
 
 def _core_api() -> tuple[Any, Any]:
@@ -85,11 +94,7 @@ def render(
     from PIL import Image
 
     cfg = _microscope_cfg(config, data_dir, seed)
-    name = objective or cfg.objectives[0].name
-    try:
-        obj = cfg.objective(name)
-    except KeyError as exc:
-        raise fail(str(exc.args[0])) from exc
+    name, obj = _objective(cfg, objective)
     w, h = width or cfg.camera_width, height or cfg.camera_height
     slide = _slide(cfg)
     if camera:
@@ -177,11 +182,7 @@ def bench(
     from rich.progress import track
 
     cfg = _microscope_cfg(config, data_dir, seed)
-    name = objective or cfg.objectives[0].name
-    try:
-        obj = cfg.objective(name)
-    except KeyError as exc:
-        raise fail(str(exc.args[0])) from exc
+    name, obj = _objective(cfg, objective)
     slide = _slide(cfg)
     rng = np.random.default_rng(0)
     x0, y0, x1, y1 = slide.bounds_um
