@@ -82,3 +82,38 @@ def test_demo_with_nothing_flagged(tiny_model: Path, tmp_path: Path) -> None:
     gt = report["ground_truth"]
     assert report["flagged"] == [] and gt["found_abnormal"] == 0 and gt["sensitivity"] == 0.0
     assert report["needs_review"] is False and report["tiles"]["reimage"] == 0
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(__import__("sys").platform == "win32", reason="sends SIGTERM")
+def test_sigterm_stops_the_demo_and_leaves_no_process(tiny_model: Path, tmp_path: Path) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+    import yaml
+
+    cfg = _small(tiny_model)
+    cfg.scan.x1_um = cfg.scan.y1_um = 900.0  # long enough to be mid-scan when killed
+    path = tmp_path / "demo.yaml"
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")), encoding="utf-8")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "scope_stream", "demo", "--no-viewer", "-c", str(path), "-o", str(tmp_path / "out")],
+        stdout=(tmp_path / "demo.log").open("wb"),
+        stderr=subprocess.STDOUT,
+    )
+    me = psutil.Process(proc.pid)
+    deadline = time.monotonic() + 60
+    children: list[psutil.Process] = []
+    while time.monotonic() < deadline and len(children) < 3:  # broker, worker, sink (+ resource tracker)
+        children = me.children(recursive=True)
+        time.sleep(0.2)
+    assert len(children) >= 3, "the demo did not start its pipeline"
+    time.sleep(2.0)
+    os.kill(proc.pid, signal.SIGTERM)
+    assert proc.wait(timeout=60) == 130
+    _gone, alive = psutil.wait_procs(children, timeout=20)
+    assert not alive, f"left behind: {[p.pid for p in alive]}"

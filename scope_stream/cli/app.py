@@ -7,6 +7,10 @@ napari and Qt load inside the command that needs them, so ``scope-stream --help`
 from __future__ import annotations
 
 import logging
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Annotated
 
 import typer
@@ -46,6 +50,25 @@ def _root(
     logging.basicConfig(
         level=level, format="%(name)s: %(message)s", handlers=[RichHandler(level=level, show_path=False)]
     )
+
+
+@contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Inside the block SIGTERM raises ``KeyboardInterrupt`` (as Ctrl-C does), so ``kill`` unwinds the
+    ``with`` blocks that stop child processes; the previous handler is restored afterwards. A no-op off the
+    main thread or where the platform has no SIGTERM."""
+    if not hasattr(signal, "SIGTERM") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def raise_interrupt(*_: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, raise_interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def fail(message: str, code: int = 2) -> typer.Exit:

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from .app import app, fail
+from .app import app, fail, sigterm_as_interrupt
 
 
 @app.command()
@@ -79,7 +79,8 @@ def demo(
             )
 
         try:
-            report = run_demo(cfg, out, viewer=not no_viewer, on_progress=show)
+            with sigterm_as_interrupt():  # `kill` stops the scan and the pipeline like Ctrl-C: no process left
+                report = run_demo(cfg, out, viewer=not no_viewer, on_progress=show)
         except KeyboardInterrupt:
             raise fail("interrupted", code=130) from None
     console.print(summary_table(report))

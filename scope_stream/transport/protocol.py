@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -236,8 +237,12 @@ def set_common(sock: zmq.Socket[Any], *, hwm: int, max_message_bytes: int | None
         sock.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
 
 
-def watch_parent(on_exit: Any, interval_s: float = 1.0, grace_s: float = 0.0) -> None:
-    """In a spawned child: call ``on_exit()`` ``grace_s`` after the parent process goes away (no orphans)."""
+def watch_parent(on_exit: Any, interval_s: float = 1.0, grace_s: float = 0.0, hard_exit_s: float | None = None) -> None:
+    """In a spawned child: call ``on_exit()`` ``grace_s`` after the parent process goes away (no orphans).
+
+    With ``hard_exit_s``, the process also ends (``os._exit(1)``) that long after ``on_exit()`` if it is
+    still running then: a child busy in a long computation must not outlive its parent for minutes.
+    """
     import multiprocessing
     import threading
 
@@ -251,5 +256,9 @@ def watch_parent(on_exit: Any, interval_s: float = 1.0, grace_s: float = 0.0) ->
         log.warning("parent process %s is gone; shutting down in %.0f s", parent.pid, grace_s)
         time.sleep(grace_s)
         on_exit()
+        if hard_exit_s is not None:
+            time.sleep(hard_exit_s)
+            log.error("still running %.0f s after the parent went away: exiting now", hard_exit_s)
+            os._exit(1)
 
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()

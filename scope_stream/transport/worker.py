@@ -268,7 +268,7 @@ def worker_main(
     if hasattr(signal, "SIGTERM"):
         signal.signal(signal.SIGTERM, lambda *_: stop.set())
     cfg = ScopeStreamConfig.model_validate(config_json)
-    watch_parent(stop.set, grace_s=45.0)  # the broker normally shuts us down first
+    watch_parent(stop.set, grace_s=45.0, hard_exit_s=30.0)  # the broker normally shuts us down first
     code = run_worker(
         connect,
         cfg,
