@@ -39,3 +39,28 @@ def test_differential_count_and_percentiles() -> None:
     assert dc == {"a": {"count": 3, "percent": 75.0}, "b": {"count": 1, "percent": 25.0}}
     assert percentiles([1, 2, 3, 4, 5]) == {"p50": 3.0, "p95": pytest.approx(4.8)}
     assert percentiles([]) == {"p50": None, "p95": None}
+
+
+def test_classifier_on_slide_sweeps_the_anomaly_threshold() -> None:
+    from scope_stream.acquire.slide import PlantedCell
+    from scope_stream.demo.report import classifier_on_slide
+
+    truth = [
+        PlantedCell("n1", "neutrophil", "WBC", False, 0, 0, 10),
+        PlantedCell("n2", "lymphocyte", "WBC", False, 100, 0, 10),
+        PlantedCell("a1", "ig", "WBC", True, 200, 0, 10),
+        PlantedCell("a2", "erythroblast", "WBC", True, 300, 0, 10),
+    ]
+    called = [  # found 1 µm off; n2 miscalled; anomaly scores 0.5, 0.9, 0.82, 0.97
+        {"cell_id": f"c{i}", "x_um": t.x_um + 1, "y_um": 0.0, "label": lab, "anomaly_score": a}
+        for i, (t, lab, a) in enumerate(
+            zip(truth, ["neutrophil", "neutrophil", "neutrophil", "lymphocyte"], [0.5, 0.9, 0.82, 0.97], strict=True)
+        )
+    ]
+    out = classifier_on_slide(truth, called, radius_um=6.0)
+    assert out["matched"] == 4 and out["accuracy_normal"] == 0.5
+    assert out["anomaly_auroc"] == 0.75  # pairs (abnormal > normal): 0.82>0.5, 0.97>0.5, 0.97>0.9; 0.82<0.9
+    by = {row["anomaly_threshold"]: row for row in out["anomaly_threshold_sweep"]}
+    assert by[0.8] == {"anomaly_threshold": 0.8, "sensitivity": 1.0, "false_flags_per_100": 25.0}
+    assert by[0.85]["sensitivity"] == 0.5 and by[0.85]["false_flags_per_100"] == 25.0
+    assert by[0.95]["sensitivity"] == 0.5 and by[0.95]["false_flags_per_100"] == 0.0

@@ -122,6 +122,10 @@ def build_report(
     return report
 
 
+#: anomaly thresholds at which the report re-scores the matched planted cells (anomaly score alone)
+SWEEP_THRESHOLDS = (0.7, 0.8, 0.85, 0.9, 0.95)
+
+
 def classifier_on_slide(
     imaged: Sequence[PlantedCell], wbc: Sequence[dict[str, Any]], radius_um: float
 ) -> dict[str, Any]:
@@ -129,6 +133,8 @@ def classifier_on_slide(
 
     ``accuracy_normal``: share of matched normal cells given their planted label; ``anomaly_auroc``: how well the
     anomaly score ranks the planted abnormal cells above the normal ones (None without both kinds);
+    ``anomaly_threshold_sweep``: sensitivity and false flags per 100 matched cells had the anomaly score alone
+    been thresholded at each of :data:`SWEEP_THRESHOLDS` (to choose an operating point);
     ``confusion``: planted label -> predicted label -> count.
     """
     from scope_stream.classify.metrics import auroc
@@ -153,12 +159,24 @@ def classifier_on_slide(
             scores.append(float(c["anomaly_score"]))
             abnormal.append(t.abnormal)
     auc = None
+    sweep: list[dict[str, float]] = []
     if any(abnormal) and not all(abnormal):
-        auc = round(auroc(np.asarray(scores), np.asarray(abnormal)), 4)
+        sc, ab = np.asarray(scores), np.asarray(abnormal)
+        auc = round(auroc(sc, ab), 4)
+        for th in SWEEP_THRESHOLDS:
+            hit = sc >= th
+            sweep.append(
+                {
+                    "anomaly_threshold": th,
+                    "sensitivity": round(float(hit[ab].mean()), 4),
+                    "false_flags_per_100": round(100.0 * float(hit[~ab].sum()) / len(sc), 2),
+                }
+            )
     return {
         "matched": len(pairs),
         "accuracy_normal": round(normal_hits / normal, 4) if normal else None,
         "anomaly_auroc": auc,
+        "anomaly_threshold_sweep": sweep,
         "confusion": confusion,
     }
 
@@ -204,6 +222,15 @@ def write_html(report: dict[str, Any], store: SlideStore, out_dir: Path, max_cel
                 f"<tr><th>Classifier on the planted cells</th><td>accuracy on normal cells {cs['accuracy_normal']}, "
                 f"anomaly AUROC {cs['anomaly_auroc']} ({cs['matched']} cells)</td></tr>"
             )
+            sweep = "; ".join(
+                f"{r['anomaly_threshold']}: {r['sensitivity']:.2f} / {r['false_flags_per_100']:.1f}"
+                for r in cs.get("anomaly_threshold_sweep", [])
+            )
+            if sweep:
+                rows.append(
+                    "<tr><th>Anomaly threshold: sensitivity / false flags per 100 matched cells</th>"
+                    f"<td>{esc(sweep)}</td></tr>"
+                )
     sp = report["speed"]
     rows += [
         f"<tr><th>Tiles</th><td>{report['tiles']['scan']} scanned, {report['tiles']['reimage']} re-imaged</td></tr>",
