@@ -76,7 +76,7 @@ def calibrate(
     cand_t = [t for t in ts for _ in range(noises_per_timestep)]
     cand_seed = [1000 + i for i in range(len(cand_t))]
     t0 = time.perf_counter()
-    clf.denoiser.centre_sigma = float(centre_sigma)
+    clf.denoiser.centre_sigma = centre_sigma  # validated by the Denoiser
     x0 = clf.prepare(cells.images)
     noise = level_noises(cand_seed, tuple(x0.shape[1:]))
     errors = collect_errors(clf.denoiser, x0, len(clf.classes), cand_t, noise)

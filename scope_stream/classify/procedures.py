@@ -141,16 +141,25 @@ class Denoiser:
         bf16: bool = False,
         centre_sigma: float = 0.0,
     ) -> None:
-        if not 0.0 <= centre_sigma < 10.0:
-            raise ValueError(f"centre_sigma must be >= 0 (a fraction of the crop side), got {centre_sigma}")
         self.unet = unet
-        self.centre_sigma = float(centre_sigma)
+        self.centre_sigma = centre_sigma
         self.acp = acp.to(device)
         self.device = device
         self.max_batch = max_batch
         self.bf16 = bf16
         self.evaluations = 0
         self.forward_passes = 0
+
+    @property
+    def centre_sigma(self) -> float:
+        """Width of the centre weighting as a fraction of the crop side (0: the plain mean)."""
+        return self._centre_sigma
+
+    @centre_sigma.setter
+    def centre_sigma(self, value: float) -> None:
+        if not 0.0 <= value < 10.0:
+            raise ValueError(f"centre_sigma must be >= 0 (a fraction of the crop side), got {value}")
+        self._centre_sigma = float(value)
 
     def errors(
         self,
