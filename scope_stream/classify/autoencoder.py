@@ -21,8 +21,8 @@ import numpy as np
 
 from scope_stream.config.train import TrainConfig
 
-from .data import augment, holdout_mask, load_crops, to_model_input
-from .model import CONFIG, WEIGHTS, ModelError, pick_device
+from .data import augment, to_model_input
+from .model import CONFIG, WEIGHTS, ModelError
 
 __all__ = ["AESpec", "build_autoencoder", "encode", "load_autoencoder", "save_autoencoder", "train_autoencoder"]
 
@@ -102,16 +102,9 @@ def train_autoencoder(cfg: TrainConfig, progress: bool = True) -> Path:
     """Train the autoencoder on ``cfg``'s cells (L1 + MSE reconstruction + small KL); returns its directory."""
     import torch
 
-    from .train import resolve_data
+    from .train import prepare_training
 
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    device = pick_device(cfg.device)
-    data = resolve_data(cfg)
-    crops = load_crops(
-        data, cfg.image_size, split=cfg.train_split, classes=cfg.classes, exclude=cfg.exclude_classes, progress=progress
-    )
-    hold = holdout_mask(crops.paths, crops.labels, cfg.holdout_fraction, seed=cfg.seed)
+    device, _, crops, hold = prepare_training(cfg, progress)
     images = torch.from_numpy(crops.subset(~hold).images)
     spec = AESpec(
         image_size=cfg.image_size,

@@ -23,7 +23,7 @@ from scope_stream.config.train import TrainConfig
 
 from .calibration import fit_temperature, softmax_neg
 from .classifier import Scores
-from .data import augment, check_crops, holdout_mask, load_crops, resize_crops, to_model_input
+from .data import augment, check_crops, resize_crops, to_model_input
 from .model import CONFIG, WEIGHTS, ModelError, pick_device
 
 __all__ = ["CnnClassifier", "build_cnn", "is_cnn_dir", "train_baseline"]
@@ -74,17 +74,10 @@ def train_baseline(cfg: TrainConfig, width: int = 32, progress: bool = True) -> 
     import torch
     from safetensors.torch import save_file
 
-    from .train import resolve_data
+    from .train import prepare_training
 
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    device = pick_device(cfg.device)
-    data = resolve_data(cfg)
-    crops = load_crops(
-        data, cfg.image_size, split=cfg.train_split, classes=cfg.classes, exclude=cfg.exclude_classes, progress=progress
-    )
+    device, _, crops, hold = prepare_training(cfg, progress)
     classes = sorted(set(crops.labels)) if cfg.classes is None else list(cfg.classes)
-    hold = holdout_mask(crops.paths, crops.labels, cfg.holdout_fraction, seed=cfg.seed)
     train, cal = crops.subset(~hold), crops.subset(hold)
     y = torch.as_tensor(train.label_indices(classes))
     imgs = torch.from_numpy(train.images)

@@ -28,10 +28,10 @@ import numpy as np
 from scope_stream.config.train import TrainConfig
 from scope_stream.datasets import pbc_root
 
-from .data import augment, holdout_mask, load_crops, to_model_input
+from .data import CropSet, augment, holdout_mask, load_crops, to_model_input
 from .model import ModelSpec, alphas_cumprod, build_unet, pick_device, save_unet
 
-__all__ = ["TrainResult", "lr_at", "spec_from_config", "train_diffusion"]
+__all__ = ["TrainResult", "lr_at", "prepare_training", "spec_from_config", "train_diffusion"]
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +75,21 @@ def resolve_data(cfg: TrainConfig) -> Path:
     return Path(data)
 
 
+def prepare_training(cfg: TrainConfig, progress: bool = True) -> tuple[str, Path, CropSet, np.ndarray]:
+    """What every trainer starts with: torch threads, the device, the data folder, its crops at the model
+    size and the hold-out mask, so diffusion model, baseline and autoencoder hold out the same cells."""
+    import torch
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = pick_device(cfg.device)
+    data = resolve_data(cfg)
+    crops = load_crops(
+        data, cfg.image_size, split=cfg.train_split, classes=cfg.classes, exclude=cfg.exclude_classes, progress=progress
+    )
+    return device, data, crops, holdout_mask(crops.paths, crops.labels, cfg.holdout_fraction, seed=cfg.seed)
+
+
 def _save_optimizer(opt: Any, path: Path) -> list[dict[str, Any]]:
     import torch
     from safetensors.torch import save_file
@@ -112,23 +127,15 @@ def train_diffusion(cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
     import torch
     from safetensors.torch import load_file, save_file
 
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    device = pick_device(cfg.device)
-    use_bf16 = cfg.mixed_precision == "bf16" or (cfg.mixed_precision == "auto" and device.startswith("cuda"))
     out = Path(cfg.out)
     ck = out / "checkpoint"
     ck.mkdir(parents=True, exist_ok=True)
-
-    data = resolve_data(cfg)
-    crops = load_crops(
-        data, cfg.image_size, split=cfg.train_split, classes=cfg.classes, exclude=cfg.exclude_classes, progress=progress
-    )
+    device, data, crops, hold = prepare_training(cfg, progress)
+    use_bf16 = cfg.mixed_precision == "bf16" or (cfg.mixed_precision == "auto" and device.startswith("cuda"))
     classes = sorted(set(crops.labels)) if cfg.classes is None else list(cfg.classes)
     missing = [c for c in classes if c not in set(crops.labels)]
     if missing:
         raise ValueError(f"classes {missing} have no training images in {data}")
-    hold = holdout_mask(crops.paths, crops.labels, cfg.holdout_fraction, seed=cfg.seed)
     _write_json(
         out / "holdout.json",
         {
