@@ -6,19 +6,28 @@
   A cell that no class explains better than the rest scores low (so *lower* = more anomalous).
 * :func:`absolute_score` -- how poorly even the best class explains the cell: the best score
   z-normalised with that class's mean and spread on calibration cells (*higher* = more anomalous).
+* :func:`top2_gap` -- how far the runner-up class trails the best one, relative to the best
+  score (*lower* = more anomalous): the plain two-class form of the relative score.
+* the feature distance of :mod:`.features` -- how unlike the training cells the cell looks to the
+  UNet (*higher* = more anomalous).
 
-:class:`AnomalyCalibration` turns either into a calibrated anomaly score in [0, 1]: the fraction
+:class:`AnomalyCalibration` turns each into a calibrated anomaly score in [0, 1]: the fraction
 of calibration (normal) cells that look *less* anomalous, so a threshold of 0.95 flags about 5% of
-normal cells.
+normal cells. Its :meth:`AnomalyCalibration.combined_anomaly` averages the calibrated scores named
+in ``combine`` and calibrates the average the same way: that is the score flags use when the
+calibration has one.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
-__all__ = ["AnomalyCalibration", "absolute_score", "relative_score"]
+__all__ = ["COMPONENTS", "AnomalyCalibration", "absolute_score", "relative_score", "top2_gap"]
+
+#: the scores :meth:`AnomalyCalibration.combined_anomaly` can combine
+COMPONENTS = ("relative", "gap", "feature")
 
 
 def _check_scores(scores: np.ndarray) -> np.ndarray:
@@ -52,19 +61,44 @@ def absolute_score(scores: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.
     return np.asarray((s[np.arange(len(s)), best] - mean[best]) / np.maximum(std[best], 1e-12))
 
 
+def top2_gap(scores: np.ndarray) -> np.ndarray:
+    """``(e_2 - e_1) / e_1`` per cell (N,): how far the runner-up trails the best class (high = confident)."""
+    s = np.sort(_check_scores(scores), axis=1)
+    return np.asarray((s[:, 1] - s[:, 0]) / np.maximum(np.abs(s[:, 0]), 1e-12))
+
+
 @dataclass
 class AnomalyCalibration:
-    """Reference distributions of both scores on normal calibration cells."""
+    """Reference distributions of the anomaly scores on normal calibration cells."""
 
     relative_ref: list[float]  # sorted relative scores of calibration cells
     abs_mean: list[float]  # per class
     abs_std: list[float]
     absolute_ref: list[float]  # sorted absolute scores of calibration cells
     k: int = 10
+    gap_ref: list[float] = field(default_factory=list)  # sorted top-2 gaps of calibration cells
+    feature_ref: list[float] = field(default_factory=list)  # sorted feature distances of calibration cells
+    combine: list[str] = field(default_factory=list)  # components of the combined score (empty: relative)
+    combined_ref: list[float] = field(default_factory=list)  # sorted combined values of calibration cells
 
     @classmethod
-    def fit(cls, scores: np.ndarray, labels: np.ndarray, k: int = 10) -> AnomalyCalibration:
+    def fit(
+        cls,
+        scores: np.ndarray,
+        labels: np.ndarray,
+        k: int = 10,
+        *,
+        feature_distance: np.ndarray | None = None,
+        combine: tuple[str, ...] = (),
+    ) -> AnomalyCalibration:
+        """Fit on normal calibration cells: ``scores (N, C)``, true ``labels (N,)``; optionally their
+        ``feature_distance (N,)`` and the components the combined score averages."""
         s = _check_scores(scores)
+        unknown = [c for c in combine if c not in COMPONENTS]
+        if unknown:
+            raise ValueError(f"unknown anomaly components {unknown}; choose from {list(COMPONENTS)}")
+        if "feature" in combine and feature_distance is None:
+            raise ValueError("combining the feature score needs the calibration cells' feature distances")
         c = s.shape[1]
         mean = np.zeros(c)
         std = np.ones(c)
@@ -76,7 +110,16 @@ class AnomalyCalibration:
                 mean[j] = float(own[0])
         rel = np.sort(relative_score(s, k))
         ab = np.sort(absolute_score(s, mean, std))
-        return cls(rel.tolist(), mean.tolist(), std.tolist(), ab.tolist(), k)
+        out = cls(rel.tolist(), mean.tolist(), std.tolist(), ab.tolist(), k, np.sort(top2_gap(s)).tolist())
+        if feature_distance is not None:
+            fd = np.asarray(feature_distance, dtype=np.float64)
+            if fd.shape != (len(s),) or not np.isfinite(fd).all():
+                raise ValueError(f"feature distances must be {len(s)} finite values, got shape {fd.shape}")
+            out.feature_ref = np.sort(fd).tolist()
+        if combine:
+            out.combine = list(combine)
+            out.combined_ref = np.sort(out._mean_of_components(s, feature_distance)).tolist()
+        return out
 
     def relative_anomaly(self, scores: np.ndarray) -> np.ndarray:
         """Calibrated relative anomaly in (0, 1): about the fraction of calibration cells more confident."""
@@ -86,6 +129,38 @@ class AnomalyCalibration:
         """Calibrated absolute anomaly in (0, 1): about the fraction of calibration cells explained better."""
         ab = absolute_score(scores, np.asarray(self.abs_mean), np.asarray(self.abs_std))
         return _smooth_ecdf(np.asarray(self.absolute_ref), ab)
+
+    def gap_anomaly(self, scores: np.ndarray) -> np.ndarray:
+        """Calibrated top-2 gap anomaly in (0, 1)."""
+        if not self.gap_ref:
+            raise ValueError("this calibration has no top-2 gap reference (recalibrate the model)")
+        return 1.0 - _smooth_ecdf(np.asarray(self.gap_ref), top2_gap(scores))
+
+    def feature_anomaly(self, distance: np.ndarray) -> np.ndarray:
+        """Calibrated feature-distance anomaly in (0, 1)."""
+        if not self.feature_ref:
+            raise ValueError("this calibration has no feature-distance reference (calibrate with a feature bank)")
+        return _smooth_ecdf(np.asarray(self.feature_ref), np.asarray(distance, dtype=np.float64))
+
+    def _mean_of_components(self, scores: np.ndarray, distance: np.ndarray | None) -> np.ndarray:
+        parts = []
+        for c in self.combine:
+            if c == "relative":
+                parts.append(self.relative_anomaly(scores))
+            elif c == "gap":
+                parts.append(self.gap_anomaly(scores))
+            else:
+                if distance is None:
+                    raise ValueError("the combined anomaly score needs feature distances")
+                parts.append(self.feature_anomaly(distance))
+        return np.asarray(np.mean(parts, axis=0))
+
+    def combined_anomaly(self, scores: np.ndarray, distance: np.ndarray | None = None) -> np.ndarray:
+        """The flagging score in (0, 1): the mean of the calibrated ``combine`` components, calibrated
+        again on the calibration cells (without ``combine``: the relative anomaly)."""
+        if not self.combine:
+            return self.relative_anomaly(scores)
+        return _smooth_ecdf(np.asarray(self.combined_ref), self._mean_of_components(scores, distance))
 
 
 def _smooth_ecdf(ref: np.ndarray, x: np.ndarray) -> np.ndarray:

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from .anomaly import AnomalyCalibration
+from .features import FEATURE_BANK, FeatureProbe
 from .procedures import FastPlan, paired_prune_scores
 
 __all__ = [
@@ -99,9 +100,10 @@ class Calibration:
     uncertainty_threshold: float
     info: dict[str, Any]
     centre_sigma: float = 0.0  # error weighting the whole calibration was fitted with (see Denoiser)
+    feature_probe: FeatureProbe | None = None  # set when the model directory holds a feature bank
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "format": "scope-stream-calibration/1",
             "fast": {
                 "plan": self.fast_plan.to_json(),
@@ -113,6 +115,9 @@ class Calibration:
             "error_weighting": {"kind": "centre_gaussian", "sigma_frac": self.centre_sigma},
             "info": self.info,
         }
+        if self.feature_probe is not None:
+            out["features"] = {"probe": self.feature_probe.to_json(), "bank": FEATURE_BANK}
+        return out
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> Calibration:
@@ -127,6 +132,7 @@ class Calibration:
             info=dict(d.get("info", {})),
             # files written before error weighting existed were fitted with the plain mean
             centre_sigma=float(d.get("error_weighting", {}).get("sigma_frac", 0.0)),
+            feature_probe=FeatureProbe.from_json(d["features"]["probe"]) if "features" in d else None,
         )
 
 

@@ -16,6 +16,7 @@ from scope_stream.vocabulary import CellCall
 from .anomaly import AnomalyCalibration, relative_score
 from .calibration import Calibration, softmax_neg
 from .data import check_crops, resize_crops, to_model_input
+from .features import FEATURE_BANK, FeatureBank, FeatureProbe, extract_features
 from .model import CALIBRATION, ModelError, alphas_cumprod, load_unet, model_id_of, pick_device
 from .procedures import Denoiser, FastPlan, ProcResult, ReferenceParams, classify_fast, classify_reference
 
@@ -36,11 +37,15 @@ class Scores:
     labels: np.ndarray  # (N,) index of the predicted class
     uncertainty: np.ndarray  # (N,) normalised entropy
     margin: np.ndarray  # (N,) top-2 probability gap
-    anomaly: np.ndarray  # (N,) calibrated relative (CytoDiffusion) anomaly score in [0, 1]
+    anomaly: np.ndarray  # (N,) the flagging anomaly score in [0, 1] (the calibration's combined score)
     anomaly_absolute: np.ndarray  # (N,) calibrated absolute anomaly score in [0, 1]
     relative_raw: np.ndarray  # (N,) raw CytoDiffusion relative score (high = confident)
     evaluations: np.ndarray  # (N,) UNet evaluations per cell
     seconds: float
+    anomaly_relative: np.ndarray | None = None  # (N,) calibrated CytoDiffusion relative anomaly in [0, 1]
+    anomaly_gap: np.ndarray | None = None  # (N,) calibrated top-2 gap anomaly (None: not calibrated)
+    anomaly_feature: np.ndarray | None = None  # (N,) calibrated feature-distance anomaly (None: no bank)
+    feature_distance: np.ndarray | None = None  # (N,) raw k-NN cosine distance in UNet features
 
 
 class DiffusionClassifier:
@@ -76,6 +81,12 @@ class DiffusionClassifier:
             self.unet, alphas_cumprod(self.spec), self.device, max_batch=max_batch, bf16=bf16, centre_sigma=sigma
         )
         self.reference_params = ReferenceParams()
+        self.feature_bank: FeatureBank | None = None
+        if self.calibration is not None and self.calibration.feature_probe is not None:
+            bank_path = self.model_dir / FEATURE_BANK
+            if not bank_path.is_file():
+                raise ModelError(f"{cal_path} uses a feature bank but {bank_path} is missing")
+            self.feature_bank = FeatureBank.load(bank_path, self.calibration.feature_probe)
         self._torch = torch
 
     # ------------------------------------------------------------------ construction
@@ -126,17 +137,45 @@ class DiffusionClassifier:
             )
         raise ValueError(f"procedure must be 'fast' or 'reference', got {procedure!r}")
 
+    def features(self, x0: Any, cond: np.ndarray) -> np.ndarray:
+        """Pooled UNet features of prepared cells ``x0`` conditioned on classes ``cond`` (the bank's probe)."""
+        if self.feature_bank is None:
+            raise ModelError(f"{self.model_dir} has no feature bank (calibrate with --feature-bank)")
+        return self.features_with(self.feature_bank.probe, x0, cond)
+
+    def features_with(self, probe: FeatureProbe, x0: Any, cond: np.ndarray) -> np.ndarray:
+        """Pooled UNet features for any ``probe`` (see :func:`.features.extract_features`)."""
+        bf16 = self.device.startswith("cuda")
+        feats = extract_features(self.unet, self.denoiser.acp, x0, cond, probe, bf16=bf16)
+        self.denoiser.evaluations += len(cond) * len(probe.timesteps)
+        return feats
+
     def score(self, crops: np.ndarray, procedure: Procedure = "fast", chunk: int = 128) -> Scores:
-        """Classify crops and return every per-cell quantity as arrays."""
+        """Classify crops and return every per-cell quantity as arrays.
+
+        With a feature bank, each cell also gets one UNet evaluation per probe level, conditioned on
+        its predicted class, for the feature-distance anomaly score (counted in ``evaluations``).
+        """
         t0 = time.perf_counter()
         x0 = self.prepare(crops)
         parts = [self.run(x0[i : i + chunk], procedure) for i in range(0, x0.shape[0], chunk)]
         scores = np.concatenate([p.scores for p in parts]) if parts else np.zeros((0, len(self.classes)))
         evals = np.concatenate([p.evaluations for p in parts]) if parts else np.zeros(0, dtype=np.int64)
-        return self.finish(scores, evals, procedure, time.perf_counter() - t0)
+        distance = None
+        if self.feature_bank is not None and len(scores):
+            distance = self.feature_bank.distance(self.features(x0, scores.argmin(axis=1)))
+            evals = evals + len(self.feature_bank.probe.timesteps)
+        return self.finish(scores, evals, procedure, time.perf_counter() - t0, distance)
 
-    def finish(self, scores: np.ndarray, evals: np.ndarray, procedure: Procedure, seconds: float = 0.0) -> Scores:
-        """Probabilities, uncertainty and anomaly scores from per-class scores."""
+    def finish(
+        self,
+        scores: np.ndarray,
+        evals: np.ndarray,
+        procedure: Procedure,
+        seconds: float = 0.0,
+        feature_distance: np.ndarray | None = None,
+    ) -> Scores:
+        """Probabilities, uncertainty and anomaly scores from per-class scores (and feature distances)."""
         c = len(self.classes)
         probs = softmax_neg(scores, self.temperature(procedure)) if len(scores) else np.zeros((0, c))
         srt = np.sort(probs, axis=1)
@@ -144,6 +183,7 @@ class DiffusionClassifier:
         ent = -(probs * np.log(np.clip(probs, 1e-12, None))).sum(axis=1)
         unc = np.clip(ent / math.log(c), 0.0, 1.0) if c > 1 else np.zeros(len(probs))
         cal = self._anomaly_cal(procedure)
+        anom_rel = anom_gap = anom_feat = None
         if c < 2 or len(scores) == 0:
             rel = np.zeros(len(scores))
             anom = np.zeros(len(scores))
@@ -151,14 +191,32 @@ class DiffusionClassifier:
         else:
             rel = relative_score(scores)
             if cal is not None:
-                anom = cal.relative_anomaly(scores)
+                anom_rel = cal.relative_anomaly(scores)
                 anom_abs = cal.absolute_anomaly(scores)
+                anom_gap = cal.gap_anomaly(scores) if cal.gap_ref else None
+                if feature_distance is not None and cal.feature_ref:
+                    anom_feat = cal.feature_anomaly(feature_distance)
+                use_features = feature_distance is not None or "feature" not in cal.combine
+                anom = cal.combined_anomaly(scores, feature_distance) if use_features else anom_rel
             else:  # uncalibrated: squash the relative score by the typical best error
                 scale = np.maximum(scores.min(axis=1), 1e-12)
                 anom = 1.0 / (1.0 + np.maximum(rel, 0) / (0.05 * scale))
                 anom_abs = np.zeros(len(scores))
         return Scores(
-            scores, probs, probs.argmax(axis=1), unc, np.clip(margin, 0, 1), anom, anom_abs, rel, evals, seconds
+            scores,
+            probs,
+            probs.argmax(axis=1),
+            unc,
+            np.clip(margin, 0, 1),
+            anom,
+            anom_abs,
+            rel,
+            evals,
+            seconds,
+            anom_rel,
+            anom_gap,
+            anom_feat,
+            feature_distance,
         )
 
     def classify(self, crops: np.ndarray, cell_ids: list[str], procedure: Procedure = "fast") -> list[CellCall]:

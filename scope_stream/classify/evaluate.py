@@ -9,9 +9,11 @@ from typing import Any
 
 import numpy as np
 
+from .anomaly import AnomalyCalibration
 from .calibration import CANDIDATE_TIMESTEPS, fit_calibration
 from .classifier import DiffusionClassifier, Procedure, Scores
 from .data import CropSet, load_crops, resize_crops
+from .features import FEATURE_BANK, FeatureBank, FeatureProbe
 from .metrics import (
     auroc,
     balanced_accuracy,
@@ -23,7 +25,7 @@ from .metrics import (
 from .model import CALIBRATION
 from .procedures import collect_errors, level_noises
 
-__all__ = ["calibrate", "evaluate_scores", "holdout_set", "metrics_report"]
+__all__ = ["calibrate", "evaluate_scores", "holdout_set", "metrics_report", "training_set"]
 
 
 def holdout_set(run_dir: Path, size: int, limit_per_class: int | None = None, seed: int = 0) -> CropSet:
@@ -52,6 +54,30 @@ def holdout_set(run_dir: Path, size: int, limit_per_class: int | None = None, se
     return CropSet(resize_crops(imgs, size), [labels[i] for i in idx], [paths[i] for i in idx])
 
 
+def training_set(
+    run_dir: Path, size: int, classes: list[str], limit_per_class: int | None = None, seed: int = 0
+) -> CropSet:
+    """The cells a run trained on (its data folder and split, minus ``holdout.json``), of ``classes``."""
+    info = json.loads((Path(run_dir) / "holdout.json").read_text(encoding="utf-8"))
+    held = {str(Path(p)) for p in info["paths"]}
+    cells = load_crops(Path(info["data"]), size, split=info.get("split"))
+    keep = [
+        i
+        for i, (p, lab) in enumerate(zip(cells.paths, cells.labels, strict=True))
+        if lab in classes and str(p) not in held
+    ]
+    if limit_per_class is not None:
+        rng = np.random.default_rng(seed)
+        labels = np.array(cells.labels)[keep]
+        idx = np.array(keep)
+        keep = sorted(
+            i for lab in sorted(set(labels.tolist())) for i in rng.permutation(idx[labels == lab])[:limit_per_class]
+        )
+    if not keep:
+        raise ValueError(f"{run_dir}: no training cells of {classes} left after the hold-out")
+    return cells.subset(keep)
+
+
 def calibrate(
     clf: DiffusionClassifier,
     cells: CropSet,
@@ -62,11 +88,18 @@ def calibrate(
     write: bool = True,
     info: dict[str, Any] | None = None,
     centre_sigma: float = 0.0,
+    bank_cells: CropSet | None = None,
+    probe: FeatureProbe | None = None,
+    combine: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     """Fit the calibration of ``clf`` on labelled normal ``cells`` and write ``calibration.json``.
 
     ``centre_sigma``: weight the denoising error towards the crop centre (see ``Denoiser``); from
     then on ``clf`` and every later load of the model classify with that weighting.
+
+    ``bank_cells`` (training cells, labelled): build a feature bank from them with ``probe`` and
+    write ``feature_bank.safetensors`` (see :mod:`.features`). ``combine``: the anomaly scores the
+    flagging score averages (``relative``, ``gap``, ``feature``; empty: the relative score alone).
     """
     y = cells.label_indices(clf.classes)
     if (y < 0).any():
@@ -92,6 +125,12 @@ def calibrate(
         centre_sigma=centre_sigma,
     )
     clf.calibration = cal
+    clf.feature_bank = None
+    if bank_cells is not None or combine:
+        _fit_anomaly_scores(clf, cal, x0, y, bank_cells, probe, combine, write)
+    stale = clf.model_dir / FEATURE_BANK
+    if write and clf.feature_bank is None and stale.is_file():
+        stale.unlink()  # a bank from an earlier calibration would no longer match this one
     out = cal.to_json()
     if write:
         path = clf.model_dir / CALIBRATION
@@ -99,6 +138,39 @@ def calibrate(
         tmp.write_text(json.dumps(out, indent=2), encoding="utf-8")
         tmp.replace(path)
     return out
+
+
+def _fit_anomaly_scores(
+    clf: DiffusionClassifier,
+    cal: Any,
+    x0: Any,
+    y: np.ndarray,
+    bank_cells: CropSet | None,
+    probe: FeatureProbe | None,
+    combine: tuple[str, ...],
+    write: bool,
+) -> None:
+    """Feature bank and the combined anomaly score, fitted on what the fast procedure really outputs
+    for the calibration cells (their predicted class conditions the features, as in :meth:`score`)."""
+    distance = None
+    if bank_cells is not None:
+        by = bank_cells.label_indices(clf.classes)
+        if (by < 0).any():
+            raise ValueError("feature-bank cells have labels the model does not know")
+        probe = probe or FeatureProbe()
+        xb = clf.prepare(bank_cells.images)
+        bank = FeatureBank.fit(clf.features_with(probe, xb, by), by, probe)
+        clf.feature_bank = bank
+        cal.feature_probe = probe
+        if write:
+            bank.save(clf.model_dir / FEATURE_BANK)
+    fast = clf.run(x0, "fast").scores
+    if clf.feature_bank is not None:
+        distance = clf.feature_bank.distance(clf.features(x0, fast.argmin(axis=1)))
+    cal.fast_anomaly = AnomalyCalibration.fit(fast, y, feature_distance=distance, combine=combine)
+    cal.info["anomaly_combine"] = list(combine)
+    if bank_cells is not None:
+        cal.info["feature_bank"] = {"n_cells": len(bank_cells), "probe": cal.feature_probe.to_json()}
 
 
 def metrics_report(
@@ -141,11 +213,16 @@ def metrics_report(
     use = known | listed
     if anomaly_classes and listed.any() and known.any():
         pos = listed[use]
+        relative = s.anomaly_relative if s.anomaly_relative is not None else s.anomaly
         rep["anomaly_auroc"] = {
-            "relative": auroc(s.anomaly[use], pos),
+            "flagging": auroc(s.anomaly[use], pos),
+            "relative": auroc(relative[use], pos),
             "absolute": auroc(s.anomaly_absolute[use], pos),
             "entropy": auroc(s.uncertainty[use], pos),
         }
+        for name, extra in (("gap", s.anomaly_gap), ("feature", s.anomaly_feature)):
+            if extra is not None:
+                rep["anomaly_auroc"][name] = auroc(extra[use], pos)
         rep["anomaly_classes"] = anomaly_classes
         rep["n_anomalies"] = int(listed.sum())
     rep["evaluations_per_cell"] = float(s.evaluations.mean())

@@ -63,19 +63,51 @@ def calibrate(
             max=5.0,
         ),
     ] = 0.22,
+    feature_bank: Annotated[
+        int,
+        typer.Option(
+            help="Training cells per class in the feature bank of the feature-distance anomaly score "
+            "(0: no bank, no feature score).",
+            min=0,
+        ),
+    ] = 500,
+    feature_layer: Annotated[str, typer.Option(help="UNet block the features come from: mid, upN or downN.")] = "up0",
+    feature_timesteps: Annotated[
+        str, typer.Option(help="Comma-separated timesteps the features are averaged over (one noise each).")
+    ] = "400,400,400,400",
+    feature_k: Annotated[int, typer.Option(help="The k of the k-nearest-neighbour distance.", min=1)] = 20,
+    combine: Annotated[
+        str,
+        typer.Option(
+            help="Anomaly scores the flagging score averages, comma-separated: relative (CytoDiffusion's), "
+            "gap (top-2), feature (needs a feature bank). Empty: the relative score alone."
+        ),
+    ] = "gap,relative,feature",
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
 ) -> None:
     """Fit temperature, fast-procedure plan, anomaly reference and flag thresholds on held-out train cells."""
     import json
 
+    from scope_stream.classify.anomaly import COMPONENTS
     from scope_stream.classify.classifier import DiffusionClassifier
     from scope_stream.classify.evaluate import calibrate as do_calibrate
-    from scope_stream.classify.evaluate import holdout_set
+    from scope_stream.classify.evaluate import holdout_set, training_set
+    from scope_stream.classify.features import FeatureProbe, layer_module
     from scope_stream.classify.model import ModelError
 
+    parts = tuple(_parse_list(combine))
+    bad = [c for c in parts if c not in COMPONENTS]
+    if bad:
+        raise fail(f"--combine: unknown anomaly score(s) {bad}; choose from {', '.join(COMPONENTS)}")
+    if "feature" in parts and feature_bank == 0:
+        raise fail("--combine feature needs a feature bank (--feature-bank > 0)")
     try:
+        ts = [int(t) for t in _parse_list(feature_timesteps)]
+        probe = FeatureProbe(feature_layer, ts, [801 + i for i in range(len(ts))], feature_k)
         clf = DiffusionClassifier.load(model, device)
+        layer_module(clf.unet, feature_layer)
         cells = holdout_set(run, clf.image_size, per_class)
+        bank = training_set(run, clf.image_size, clf.classes, feature_bank) if feature_bank else None
     except (ModelError, FileNotFoundError, ValueError) as exc:
         raise fail(str(exc)) from exc
     out = do_calibrate(
@@ -84,6 +116,9 @@ def calibrate(
         noises_per_timestep=noises,
         false_flag_rate=false_flag_rate,
         centre_sigma=centre_sigma,
+        bank_cells=bank,
+        probe=probe,
+        combine=parts,
         info={
             "fitted_on": f"{len(cells)} cells held out of the training split ({run}/holdout.json)",
             "per_class": per_class,

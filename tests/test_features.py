@@ -1,0 +1,135 @@
+"""The feature-distance anomaly score and the combined flagging score (tiny real model, hand-made arrays)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from scope_stream.classify.anomaly import AnomalyCalibration, top2_gap  # noqa: E402
+from scope_stream.classify.classifier import DiffusionClassifier  # noqa: E402
+from scope_stream.classify.evaluate import calibrate, holdout_set, training_set  # noqa: E402
+from scope_stream.classify.features import FEATURE_BANK, FeatureBank, FeatureProbe  # noqa: E402
+from scope_stream.classify.testing import make_tiny_model, toy_crops  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_model(tmp_path_factory.mktemp("tinyfeat"), steps=120)
+
+
+def _clusters(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    centres = np.array([[5.0, 0, 0, 0], [0, 5.0, 0, 0]])
+    y = np.arange(n) % 2
+    return centres[y] + rng.normal(0, 0.3, (n, 4)), y
+
+
+def test_feature_bank_scores_a_cell_unlike_the_bank_higher_and_round_trips(tmp_path: Path) -> None:
+    x, y = _clusters(60)
+    bank = FeatureBank.fit(x, y, FeatureProbe(k=3))
+    near = bank.distance(_clusters(4, seed=1)[0])
+    far = bank.distance(np.array([[0.0, 0.0, 5.0, 5.0]]))
+    assert far[0] > near.max()
+    path = bank.save(tmp_path / FEATURE_BANK)
+    again = FeatureBank.load(path, FeatureProbe(k=3))
+    assert np.allclose(again.distance(x[:5]), bank.distance(x[:5]), atol=2e-3)  # float16 storage
+
+
+def test_feature_bank_and_probe_errors() -> None:
+    x, y = _clusters(10)
+    bank = FeatureBank.fit(x, y, FeatureProbe(k=3))
+    with pytest.raises(ValueError, match=r"\(N, 4\)"):
+        bank.distance(np.zeros((2, 5)))
+    with pytest.raises(ValueError, match="NaN"):
+        FeatureBank.fit(np.full((3, 4), np.nan), np.zeros(3), FeatureProbe(k=1))
+    with pytest.raises(ValueError, match="only 10 cells"):
+        FeatureBank.fit(x, y, FeatureProbe(k=11))
+    with pytest.raises(ValueError, match="layer"):
+        FeatureProbe(layer="middle")
+    with pytest.raises(ValueError, match="equally long"):
+        FeatureProbe(timesteps=[400, 300], noise_seeds=[1])
+
+
+def test_combined_anomaly_is_calibrated_on_normal_cells_and_ranks_the_odd_cell_first() -> None:
+    rng = np.random.default_rng(0)
+    n = 200
+    # normal cells: class 0 clearly best; their feature distances small
+    scores = np.c_[np.full(n, 1.0), 1.5 + rng.uniform(0, 0.5, n), 2.0 + rng.uniform(0, 0.5, n)]
+    dist = rng.uniform(0.1, 0.3, n)
+    cal = AnomalyCalibration.fit(scores, np.zeros(n, dtype=int), feature_distance=dist, combine=("gap", "feature"))
+    assert top2_gap(np.array([[1.0, 1.5, 3.0]]))[0] == pytest.approx(0.5)
+    on_normal = cal.combined_anomaly(scores, dist)
+    assert 0.03 < float(np.mean(on_normal >= 0.95)) < 0.08  # a 0.95 threshold flags about 5% of normal cells
+    odd_scores = np.array([[1.0, 1.5, 2.2], [1.0, 1.02, 2.2], [1.0, 1.02, 2.2]])
+    odd_dist = np.array([0.9, 0.2, 0.9])  # looks odd; explained ambiguously; both
+    comb = cal.combined_anomaly(odd_scores, odd_dist)
+    assert comb[2] > max(comb[0], comb[1]) and comb[2] > 0.99
+    with pytest.raises(ValueError, match="feature distances"):
+        cal.combined_anomaly(odd_scores)
+    with pytest.raises(ValueError, match="unknown anomaly components"):
+        AnomalyCalibration.fit(scores, np.zeros(n, dtype=int), combine=("vibes",))
+    # a calibration written before the combined score existed still loads and flags on the relative score
+    old = {k: v for k, v in cal.__dict__.items() if k in ("relative_ref", "abs_mean", "abs_std", "absolute_ref", "k")}
+    legacy = AnomalyCalibration(**old)
+    assert np.allclose(legacy.combined_anomaly(odd_scores), legacy.relative_anomaly(odd_scores))
+
+
+def test_calibrating_with_a_feature_bank_makes_score_use_it(tiny: Path, tmp_path: Path) -> None:
+    model = tmp_path / "model"
+    shutil.copytree(tiny, model)
+    run = tiny.parent
+    clf = DiffusionClassifier.load(model, device="cpu")
+    bank_cells = training_set(run, clf.image_size, clf.classes, limit_per_class=12)
+    assert not {str(p) for p in bank_cells.paths} & {str(p) for p in holdout_set(run, clf.image_size).paths}
+    probe = FeatureProbe(layer="up0", timesteps=[300, 300], noise_seeds=[1, 2], k=3)
+    calibrate(
+        clf,
+        holdout_set(run, clf.image_size),
+        timesteps=(50, 150, 300),
+        noises_per_timestep=1,
+        bank_cells=bank_cells,
+        probe=probe,
+        combine=("gap", "relative", "feature"),
+    )
+    assert (model / FEATURE_BANK).is_file()
+    saved = json.loads((model / "calibration.json").read_text())
+    assert saved["features"]["probe"]["timesteps"] == [300, 300]
+    assert saved["fast"]["anomaly"]["combine"] == ["gap", "relative", "feature"]
+
+    again = DiffusionClassifier.load(model, device="cpu")
+    assert again.feature_bank is not None and len(again.feature_bank.bank) == 24
+    x, _ = toy_crops(6, 2, clf.image_size, seed=5)
+    s = again.score(x)
+    assert s.anomaly_feature is not None and s.feature_distance is not None and s.anomaly_gap is not None
+    assert ((s.anomaly > 0) & (s.anomaly < 1)).all()
+    plan_only = again.run(again.prepare(x), "fast").evaluations
+    assert (s.evaluations == plan_only + 2).all()  # one evaluation per probe level on top of the plan
+    calls = again.classify(x, [f"c{i}" for i in range(6)])
+    assert [c.anomaly_score for c in calls] == pytest.approx(s.anomaly.tolist())
+
+    # recalibrating without a bank removes the stale bank, and the model loads without it
+    calibrate(again, holdout_set(run, clf.image_size), timesteps=(50, 150), noises_per_timestep=1)
+    assert not (model / FEATURE_BANK).exists()
+    plain = DiffusionClassifier.load(model, device="cpu")
+    assert plain.feature_bank is None and plain.score(x).anomaly_feature is None
+
+
+def test_a_calibration_that_names_a_missing_bank_is_a_clear_error(tiny: Path, tmp_path: Path) -> None:
+    from scope_stream.classify.model import ModelError
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny, model)
+    cal = json.loads((model / "calibration.json").read_text())
+    cal["features"] = {"probe": FeatureProbe().to_json(), "bank": FEATURE_BANK}
+    (model / "calibration.json").write_text(json.dumps(cal))
+    with pytest.raises(ModelError, match="feature_bank.safetensors is missing"):
+        DiffusionClassifier.load(model, device="cpu")
+    (model / FEATURE_BANK).write_bytes(b"not a bank")
+    with pytest.raises(ValueError, match="not a feature bank"):
+        DiffusionClassifier.load(model, device="cpu")
