@@ -128,7 +128,7 @@ def test_a_calibration_that_names_a_missing_bank_is_a_clear_error(tiny: Path, tm
     cal = json.loads((model / "calibration.json").read_text())
     cal["features"] = {"probe": FeatureProbe().to_json(), "bank": FEATURE_BANK}
     (model / "calibration.json").write_text(json.dumps(cal))
-    with pytest.raises(ModelError, match="feature_bank.safetensors is missing"):
+    with pytest.raises(ModelError, match=r"feature_bank\.safetensors is missing"):
         DiffusionClassifier.load(model, device="cpu")
     (model / FEATURE_BANK).write_bytes(b"not a bank")
     with pytest.raises(ValueError, match="not a feature bank"):
