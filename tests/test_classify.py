@@ -307,7 +307,7 @@ def test_evaluate_classifier_cli_writes_metrics_and_png(tiny: Path, tmp_path: Pa
     assert rep["n_cells"] == 18 and rep["n_known"] == 12
     for key in ("accuracy", "balanced_accuracy", "macro_f1", "per_class_recall", "confusion_matrix", "ece_15"):
         assert key in rep
-    assert set(rep["anomaly_auroc"]) == {"flagging", "relative", "absolute", "entropy", "gap"}
+    assert set(rep["anomaly_auroc"]) == {"flagging", "relative", "absolute", "entropy", "gap", "feature"}
     assert out.with_suffix(".png").stat().st_size > 1000
     bad = CliRunner().invoke(
         app,

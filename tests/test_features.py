@@ -128,8 +128,23 @@ def test_a_calibration_that_names_a_missing_bank_is_a_clear_error(tiny: Path, tm
     cal = json.loads((model / "calibration.json").read_text())
     cal["features"] = {"probe": FeatureProbe().to_json(), "bank": FEATURE_BANK}
     (model / "calibration.json").write_text(json.dumps(cal))
+    (model / FEATURE_BANK).unlink(missing_ok=True)
     with pytest.raises(ModelError, match=r"feature_bank\.safetensors is missing"):
         DiffusionClassifier.load(model, device="cpu")
     (model / FEATURE_BANK).write_bytes(b"not a bank")
     with pytest.raises(ValueError, match="not a feature bank"):
         DiffusionClassifier.load(model, device="cpu")
+
+
+def test_calibrate_cli_rejects_unknown_or_impossible_combinations(tiny: Path) -> None:
+    from typer.testing import CliRunner
+
+    from scope_stream.cli.app import app
+
+    base = ["calibrate", "--model", str(tiny), "--run", str(tiny.parent), "--device", "cpu"]
+    res = CliRunner().invoke(app, [*base, "--combine", "gap,vibes"])
+    assert res.exit_code != 0 and "vibes" in res.output
+    res = CliRunner().invoke(app, [*base, "--combine", "feature", "--feature-bank", "0"])
+    assert res.exit_code != 0 and "feature bank" in res.output
+    res = CliRunner().invoke(app, [*base, "--feature-layer", "up9"])
+    assert res.exit_code != 0 and "up9" in res.output

@@ -13,9 +13,10 @@
 
 :class:`AnomalyCalibration` turns each into a calibrated anomaly score in [0, 1]: the fraction
 of calibration (normal) cells that look *less* anomalous, so a threshold of 0.95 flags about 5% of
-normal cells. Its :meth:`AnomalyCalibration.combined_anomaly` averages the calibrated scores named
-in ``combine`` and calibrates the average the same way: that is the score flags use when the
-calibration has one.
+normal cells. Its :meth:`AnomalyCalibration.combined_anomaly` joins the calibrated scores named
+in ``combine`` with Fisher's method (a calibrated score ``a`` is one minus a p-value under normal
+cells, so ``-sum(log(1 - a))`` is Fisher's statistic) and calibrates the statistic the same way:
+that is the score flags use when the calibration has one.
 """
 
 from __future__ import annotations
@@ -92,7 +93,7 @@ class AnomalyCalibration:
         combine: tuple[str, ...] = (),
     ) -> AnomalyCalibration:
         """Fit on normal calibration cells: ``scores (N, C)``, true ``labels (N,)``; optionally their
-        ``feature_distance (N,)`` and the components the combined score averages."""
+        ``feature_distance (N,)`` and the components the combined score joins."""
         s = _check_scores(scores)
         unknown = [c for c in combine if c not in COMPONENTS]
         if unknown:
@@ -153,11 +154,12 @@ class AnomalyCalibration:
                 if distance is None:
                     raise ValueError("the combined anomaly score needs feature distances")
                 parts.append(self.feature_anomaly(distance))
-        return np.asarray(np.mean(parts, axis=0))
+        # Fisher's method: each calibrated score is 1 - (p-value under normal cells)
+        return np.asarray(-np.log(np.clip(1.0 - np.asarray(parts), 1e-300, None)).sum(axis=0))
 
     def combined_anomaly(self, scores: np.ndarray, distance: np.ndarray | None = None) -> np.ndarray:
-        """The flagging score in (0, 1): the mean of the calibrated ``combine`` components, calibrated
-        again on the calibration cells (without ``combine``: the relative anomaly)."""
+        """The flagging score in (0, 1): Fisher's combination of the calibrated ``combine`` components,
+        calibrated again on the calibration cells (without ``combine``: the relative anomaly)."""
         if not self.combine:
             return self.relative_anomaly(scores)
         return _smooth_ecdf(np.asarray(self.combined_ref), self._mean_of_components(scores, distance))

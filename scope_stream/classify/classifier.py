@@ -23,7 +23,7 @@ from .procedures import Denoiser, FastPlan, ProcResult, ReferenceParams, classif
 __all__ = ["DEFAULT_MODEL_DIR", "DiffusionClassifier", "Scores"]
 
 #: the shipped model
-DEFAULT_MODEL_DIR = Path(__file__).resolve().parents[2] / "models" / "cytodiffusion-pbc-32"
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parents[2] / "models" / "cytodiffusion-pbc-32-long"
 
 Procedure = Literal["fast", "reference"]
 

@@ -99,7 +99,7 @@ def calibrate(
 
     ``bank_cells`` (training cells, labelled): build a feature bank from them with ``probe`` and
     write ``feature_bank.safetensors`` (see :mod:`.features`). ``combine``: the anomaly scores the
-    flagging score averages (``relative``, ``gap``, ``feature``; empty: the relative score alone).
+    flagging score joins (``relative``, ``gap``, ``feature``; empty: the relative score alone).
     """
     y = cells.label_indices(clf.classes)
     if (y < 0).any():

@@ -72,15 +72,25 @@ def write_toy_folder(
 
 
 def make_tiny_model(
-    out_dir: Path, classes: list[str] | None = None, steps: int = 150, image_size: int = 16, seed: int = 0
+    out_dir: Path,
+    classes: list[str] | None = None,
+    steps: int = 150,
+    image_size: int = 16,
+    seed: int = 0,
+    feature_bank: bool = True,
 ) -> Path:
-    """Train and calibrate a tiny real model on toy cells; returns the model directory (``out_dir/model``)."""
+    """Train and calibrate a tiny real model on toy cells; returns the model directory (``out_dir/model``).
+
+    ``feature_bank``: calibrate as the shipped models are, with a feature bank (one probe level) and the
+    gap + feature flagging score; else with CytoDiffusion's relative score alone.
+    """
     import torch
 
     from scope_stream.config.train import TrainConfig
 
     from .classifier import DiffusionClassifier
-    from .evaluate import calibrate, holdout_set
+    from .evaluate import calibrate, holdout_set, training_set
+    from .features import FeatureProbe
     from .train import train_diffusion
 
     classes = list(classes) if classes is not None else ["lymphocyte", "neutrophil"]
@@ -115,8 +125,16 @@ def make_tiny_model(
     model_dir = out_dir / "run" / "raw"
     clf = DiffusionClassifier.load(model_dir, device="cpu")
     cells = holdout_set(out_dir / "run", image_size)
+    bank = training_set(out_dir / "run", image_size, classes) if feature_bank else None
     calibrate(
-        clf, cells, timesteps=(50, 150, 300, 500), noises_per_timestep=1, info={"fitted_on": "toy held-out cells"}
+        clf,
+        cells,
+        timesteps=(50, 150, 300, 500),
+        noises_per_timestep=1,
+        info={"fitted_on": "toy held-out cells"},
+        bank_cells=bank,
+        probe=FeatureProbe(layer="up0", timesteps=[300], noise_seeds=[1], k=3),
+        combine=("gap", "feature") if feature_bank else (),
     )
     (model_dir / "MODEL_CARD.md").write_text(
         f"# tiny test model\n\nToy classes {classes}; {steps} steps; for tests only.\n", encoding="utf-8"

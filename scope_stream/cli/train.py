@@ -79,10 +79,10 @@ def calibrate(
     combine: Annotated[
         str,
         typer.Option(
-            help="Anomaly scores the flagging score averages, comma-separated: relative (CytoDiffusion's), "
-            "gap (top-2), feature (needs a feature bank). Empty: the relative score alone."
+            help="Anomaly scores the flagging score joins (Fisher's method), comma-separated: relative "
+            "(CytoDiffusion's), gap (top-2), feature (needs a feature bank). Empty: the relative score alone."
         ),
-    ] = "gap,relative,feature",
+    ] = "gap,feature",
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
 ) -> None:
     """Fit temperature, fast-procedure plan, anomaly reference and flag thresholds on held-out train cells."""
