@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from .anomaly import AnomalyCalibration
-from .calibration import CANDIDATE_TIMESTEPS, fit_calibration
+from .calibration import CANDIDATE_TIMESTEPS, Calibration, fit_calibration
 from .classifier import DiffusionClassifier, Procedure, Scores
 from .data import CropSet, load_crops, resize_crops
 from .features import FEATURE_BANK, FeatureBank, FeatureProbe
@@ -142,7 +142,7 @@ def calibrate(
 
 def _fit_anomaly_scores(
     clf: DiffusionClassifier,
-    cal: Any,
+    cal: Calibration,
     x0: Any,
     y: np.ndarray,
     bank_cells: CropSet | None,
@@ -169,7 +169,7 @@ def _fit_anomaly_scores(
         distance = clf.feature_bank.distance(clf.features(x0, fast.argmin(axis=1)))
     cal.fast_anomaly = AnomalyCalibration.fit(fast, y, feature_distance=distance, combine=combine)
     cal.info["anomaly_combine"] = list(combine)
-    if bank_cells is not None:
+    if bank_cells is not None and cal.feature_probe is not None:
         cal.info["feature_bank"] = {"n_cells": len(bank_cells), "probe": cal.feature_probe.to_json()}
 
 
