@@ -8,7 +8,7 @@ needed (Windows-safe, fast on 2 cores).
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -109,6 +109,7 @@ def load_crops(
     split: str | None = None,
     classes: Sequence[str] | None = None,
     exclude: Sequence[str] = (),
+    exclude_paths: Collection[str] = (),
     limit_per_class: int | None = None,
     seed: int = 0,
     progress: bool = False,
@@ -116,13 +117,19 @@ def load_crops(
     """Read ``folder/labels.csv`` and load its images resized to ``size`` x ``size`` into memory.
 
     ``split`` keeps one split; ``classes`` keeps only those labels; ``exclude`` drops labels;
-    ``limit_per_class`` takes a deterministic random sample of at most that many cells per label.
+    ``exclude_paths`` drops images (``str`` of their paths, e.g. a run's held-out cells);
+    ``limit_per_class`` then takes a deterministic random sample of at most that many cells per label.
     """
     rows: list[LabelledImage] = read_labels_csv(folder, split=split)
     if split is not None and not rows:
         raise DatasetError(f"{folder}/labels.csv has no rows of split {split!r}")
     keep = set(classes) if classes is not None else None
-    rows = [r for r in rows if r.label not in set(exclude) and (keep is None or r.label in keep)]
+    labels_out, paths_out = set(exclude), set(exclude_paths)
+    rows = [
+        r
+        for r in rows
+        if r.label not in labels_out and (keep is None or r.label in keep) and str(r.path) not in paths_out
+    ]
     if limit_per_class is not None:
         rng = np.random.default_rng(seed)
         by: dict[str, list[LabelledImage]] = {}

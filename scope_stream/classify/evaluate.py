@@ -60,22 +60,16 @@ def training_set(
     """The cells a run trained on (its data folder and split, minus ``holdout.json``), of ``classes``."""
     info = json.loads((Path(run_dir) / "holdout.json").read_text(encoding="utf-8"))
     held = {str(Path(p)) for p in info["paths"]}
-    cells = load_crops(Path(info["data"]), size, split=info.get("split"))
-    keep = [
-        i
-        for i, (p, lab) in enumerate(zip(cells.paths, cells.labels, strict=True))
-        if lab in classes and str(p) not in held
-    ]
-    if limit_per_class is not None:
-        rng = np.random.default_rng(seed)
-        labels = np.array(cells.labels)[keep]
-        idx = np.array(keep)
-        keep = sorted(
-            i for lab in sorted(set(labels.tolist())) for i in rng.permutation(idx[labels == lab])[:limit_per_class]
-        )
-    if not keep:
-        raise ValueError(f"{run_dir}: no training cells of {classes} left after the hold-out")
-    return cells.subset(keep)
+    # load_crops raises a DatasetError (a ValueError) naming the folder when nothing is left
+    return load_crops(
+        Path(info["data"]),
+        size,
+        split=info.get("split"),
+        classes=classes,
+        exclude_paths=held,
+        limit_per_class=limit_per_class,
+        seed=seed,
+    )
 
 
 def calibrate(
