@@ -119,7 +119,7 @@ class AnomalyCalibration:
             out.feature_ref = np.sort(fd).tolist()
         if combine:
             out.combine = list(combine)
-            out.combined_ref = np.sort(out._mean_of_components(s, feature_distance)).tolist()
+            out.combined_ref = np.sort(out._fisher_statistic(s, feature_distance)).tolist()
         return out
 
     def relative_anomaly(self, scores: np.ndarray) -> np.ndarray:
@@ -143,7 +143,7 @@ class AnomalyCalibration:
             raise ValueError("this calibration has no feature-distance reference (calibrate with a feature bank)")
         return _smooth_ecdf(np.asarray(self.feature_ref), np.asarray(distance, dtype=np.float64))
 
-    def _mean_of_components(self, scores: np.ndarray, distance: np.ndarray | None) -> np.ndarray:
+    def _fisher_statistic(self, scores: np.ndarray, distance: np.ndarray | None) -> np.ndarray:
         parts = []
         for c in self.combine:
             if c == "relative":
@@ -162,7 +162,7 @@ class AnomalyCalibration:
         calibrated again on the calibration cells (without ``combine``: the relative anomaly)."""
         if not self.combine:
             return self.relative_anomaly(scores)
-        return _smooth_ecdf(np.asarray(self.combined_ref), self._mean_of_components(scores, distance))
+        return _smooth_ecdf(np.asarray(self.combined_ref), self._fisher_statistic(scores, distance))
 
 
 def _smooth_ecdf(ref: np.ndarray, x: np.ndarray) -> np.ndarray:

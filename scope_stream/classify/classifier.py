@@ -196,8 +196,7 @@ class DiffusionClassifier:
                 anom_gap = cal.gap_anomaly(scores) if cal.gap_ref else None
                 if feature_distance is not None and cal.feature_ref:
                     anom_feat = cal.feature_anomaly(feature_distance)
-                use_features = feature_distance is not None or "feature" not in cal.combine
-                anom = cal.combined_anomaly(scores, feature_distance) if use_features else anom_rel
+                anom = cal.combined_anomaly(scores, feature_distance)
             else:  # uncalibrated: squash the relative score by the typical best error
                 scale = np.maximum(scores.min(axis=1), 1e-12)
                 anom = 1.0 / (1.0 + np.maximum(rel, 0) / (0.05 * scale))
