@@ -42,6 +42,8 @@ from .spool import Spool
 __all__ = ["Broker", "bind_endpoints"]
 
 log = logging.getLogger(__name__)
+_REPLY_HWM = 10_000  # acks and rejects towards sources: small, one per request
+_BLOCKED_S = 0.05  # a worker whose pipe was full gets no tile for this long
 
 Key = tuple[str, str]
 
@@ -89,6 +91,7 @@ class Peer:
     draining: bool = False
     wants_pixels: bool = True
     last_used: float = 0.0
+    blocked_until: float = 0.0  # its pipe was full: no dispatch to it before then
 
 
 def bind_endpoints(
@@ -151,6 +154,9 @@ class Broker:
             self.security.start(self.ctx)
         c = config
         self.frontend = self._socket(zmq.ROUTER, hwm=c.tile_hwm, limit=c.max_message_bytes)
+        # replies (acks, rejects) are small and one per request: a full pipe must not drop them. With the
+        # tile high-water mark (8) a starved I/O thread lost acks, and sources waited ack_timeout to resend.
+        self.frontend.setsockopt(zmq.SNDHWM, _REPLY_HWM)
         self.backend = self._socket(zmq.ROUTER, hwm=max(c.tile_hwm, 64), limit=c.max_message_bytes)
         self.backend.setsockopt(zmq.SNDHWM, c.tile_hwm)
         self.sinksock = self._socket(zmq.ROUTER, hwm=max(c.tile_hwm, c.sink_credit), limit=c.max_message_bytes)
@@ -209,7 +215,9 @@ class Broker:
             mon = socks[name].get_monitor_socket(_MONITOR_EVENTS)
             self.monitors[mon] = name
         self.endpoints = bind_endpoints(self.cfg, socks, ipc_dir)
-        log.info("broker listening: %s", self.endpoints.to_dict())
+        # a string, not the dict: a lone mapping argument becomes the format mapping in logging (and napari's
+        # test-time LogRecord then breaks the message)
+        log.info("broker listening: %s", ", ".join(f"{k} {v}" for k, v in self.endpoints.to_dict().items()))
         return self.endpoints
 
     def _send(self, sock: zmq.Socket[Any], frames: list[Any], *, copy: bool = False) -> bool:
@@ -225,7 +233,10 @@ class Broker:
             raise
 
     def _reply(self, sock: zmq.Socket[Any], ident: bytes, type_: str, **fields: Any) -> None:
-        self._send(sock, [ident, encode(type_, **fields)], copy=True)
+        if not self._send(sock, [ident, encode(type_, **fields)], copy=True):
+            # the peer is gone or not reading: it resends what it still needs (a source after ack_timeout)
+            self.counts["replies_dropped"] += 1
+            log.debug("a %s reply could not be sent (peer gone or its pipe full)", type_)
 
     def publish(self, topic: str, payload: dict[str, Any]) -> None:
         body = {"v": 1, "topic": topic, "ts": time.time(), **payload}
@@ -582,8 +593,9 @@ class Broker:
 
     def _pick_worker(self) -> Peer | None:
         best: Peer | None = None
+        now = time.monotonic()
         for w in self.workers.values():
-            if w.draining or w.credit <= 0:
+            if w.draining or w.credit <= 0 or w.blocked_until > now:
                 continue
             if best is None or (w.credit, -w.last_used) > (best.credit, -best.last_used):
                 best = w
@@ -611,8 +623,11 @@ class Broker:
                 if w.ident in self.workers and time.monotonic() - w.last_seen > self.cfg.worker_timeout_ms / 1000:
                     self._drop_worker(w, "is unreachable")
                 else:
-                    w.credit = 0  # its pipe is full: wait for results to return credit
-                return
+                    # its pipe is full (a starved I/O thread, heartbeats queued): skip it briefly and keep its
+                    # credit. Zeroing the credit starved a worker that held nothing, as no result came back.
+                    w.blocked_until = time.monotonic() + _BLOCKED_S
+                    self.counts["dispatch_blocked"] += 1
+                continue
             w.credit -= 1
             w.held.add(job.key)
             w.last_used = time.monotonic()
