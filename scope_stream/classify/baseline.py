@@ -94,7 +94,7 @@ def train_baseline(cfg: TrainConfig, width: int = 32, progress: bool = True) -> 
         ks = rng.integers(0, len(classes), cfg.batch_size)
         idx = np.array([by_class[k][rng.integers(0, len(by_class[k]))] for k in ks])
         gen = torch.Generator().manual_seed(int(rng.integers(0, 2**62)))
-        x = augment(to_model_input(imgs[idx], device), gen, cfg.color_jitter)
+        x = augment(to_model_input(imgs[idx], device), gen, **cfg.augmentation())
         frac = min(1.0, max(step / cfg.steps, (time.monotonic() - t0) / budget))
         for g in opt.param_groups:
             g["lr"] = cfg.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac)))

@@ -8,6 +8,7 @@ needed (Windows-safe, fast on 2 cores).
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,7 @@ if TYPE_CHECKING:
 __all__ = [
     "CropSet",
     "augment",
+    "gaussian_blur",
     "holdout_mask",
     "load_crops",
     "resize_crops",
@@ -184,15 +186,36 @@ def to_model_input(images: np.ndarray | torch.Tensor, device: str | torch.device
     return t.to(device).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
 
 
-def augment(x: torch.Tensor, generator: torch.Generator | None = None, jitter: float = 0.05) -> torch.Tensor:
+def augment(
+    x: torch.Tensor,
+    generator: torch.Generator | None = None,
+    jitter: float = 0.05,
+    *,
+    blur_sigma_max: float = 0.0,
+    blur_probability: float = 0.5,
+    gain_jitter: float = 0.0,
+) -> torch.Tensor:
     """Smear-appropriate augmentation of a ``(B, 3, S, S)`` batch in [-1, 1].
 
     Random horizontal/vertical flips and 90-degree rotations (a cell has no canonical orientation)
     and mild per-image brightness/contrast/saturation jitter of relative size ``jitter`` (stain and
     illumination vary between slides).
+
+    Optics, both off by default (and then no random numbers are drawn for them, so older runs replay
+    exactly): with probability ``blur_probability`` an image is blurred by a Gaussian of sigma drawn
+    uniformly from ``[0, blur_sigma_max]`` pixels (focus, objective and resampling soften a cell seen
+    through a microscope rather than in a dataset crop), and ``gain_jitter`` scales the transmitted
+    light of each image by a factor in ``[1 - gain_jitter, 1 + gain_jitter]`` (lamp and exposure).
     """
     import torch
 
+    if x.ndim != 4 or x.shape[1] != 3:
+        raise ValueError(f"augment expects a (B, 3, S, S) batch, got shape {tuple(x.shape)}")
+    if blur_sigma_max < 0 or gain_jitter < 0 or not 0 <= blur_probability <= 1:
+        raise ValueError(
+            f"augment: blur_sigma_max ({blur_sigma_max}) and gain_jitter ({gain_jitter}) must be >= 0 "
+            f"and blur_probability ({blur_probability}) within [0, 1]"
+        )
     b = x.shape[0]
     dev = x.device
 
@@ -214,4 +237,36 @@ def augment(x: torch.Tensor, generator: torch.Generator | None = None, jitter: f
         gray = x.mean(dim=1, keepdim=True)
         x = (x - gray) * sat + gray
         x = x.clamp(-1, 1)
+    if gain_jitter > 0:
+        gain = 1 + (rnd(b, 1, 1, 1) * 2 - 1) * gain_jitter
+        x = (((x + 1) * gain) - 1).clamp(-1, 1)  # transmitted light scales; black stays black
+    if blur_sigma_max > 0:
+        sigma = rnd(b) * blur_sigma_max * (rnd(b) < blur_probability).float()
+        x = gaussian_blur(x, sigma)
     return x
+
+
+def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """Blur each image of a ``(B, C, H, W)`` batch by its own Gaussian ``sigma[b]`` (pixels; 0 = unchanged).
+
+    Separable, reflect-padded, computed in one grouped convolution per axis.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    b, c, h, w = x.shape
+    if sigma.shape != (b,):
+        raise ValueError(f"gaussian_blur: one sigma per image expected, got {tuple(sigma.shape)} for {b} images")
+    smax = float(sigma.max()) if b else 0.0
+    if smax <= 0:
+        return x
+    r = max(1, min(math.ceil(3 * smax), (min(h, w) - 1) // 2))
+    offs = torch.arange(-r, r + 1, device=x.device, dtype=x.dtype)
+    s = sigma.to(x.device, x.dtype).clamp_min(1e-3)[:, None]
+    k = torch.exp(-0.5 * (offs[None, :] / s) ** 2)
+    k = k / k.sum(dim=1, keepdim=True)  # sigma ~ 0 gives a unit impulse
+    k = k.repeat_interleave(c, dim=0)  # (B*C, K)
+    y = x.reshape(1, b * c, h, w)
+    y = F.conv2d(F.pad(y, (r, r, 0, 0), mode="reflect"), k[:, None, None, :], groups=b * c)
+    y = F.conv2d(F.pad(y, (0, 0, r, r), mode="reflect"), k[:, None, :, None], groups=b * c)
+    return y.reshape(b, c, h, w)

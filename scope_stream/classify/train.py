@@ -249,7 +249,7 @@ def train_diffusion(cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
             else:
                 idx = rng.integers(0, len(train), cfg.batch_size)
             gen = torch.Generator().manual_seed(int(rng.integers(0, 2**62)))
-            x0 = augment(to_model_input(images[idx], device), gen, cfg.color_jitter)
+            x0 = augment(to_model_input(images[idx], device), gen, **cfg.augmentation())
             if vae is not None:
                 with torch.no_grad():
                     x0 = encode(vae, ae_spec, x0, sample=True, generator=gen)

@@ -51,6 +51,12 @@ class TrainConfig(Section):
     ema_decay: float = Field(default=0.999, ge=0, lt=1)  # with warmup: min(decay, (1+n)/(10+n))
     balanced_sampling: bool = True  # draw classes uniformly, then a cell of that class
     color_jitter: float = Field(default=0.05, ge=0, le=0.5)
+    # optics augmentation (off by default): Gaussian blur of sigma U(0, blur_sigma_max) pixels at
+    # image_size on a blur_probability share of crops, and a lamp/exposure gain of 1 +/- gain_jitter;
+    # crops cut from a scanned slide are softer and dimmer than dataset crops
+    blur_sigma_max: float = Field(default=0.0, ge=0, le=4)
+    blur_probability: float = Field(default=0.5, ge=0, le=1)
+    gain_jitter: float = Field(default=0.0, ge=0, le=0.5)
     seed: int = 0
     device: str = "auto"
     threads: int | None = Field(default=None, ge=1)  # torch CPU threads (None: torch's default)
@@ -60,3 +66,12 @@ class TrainConfig(Section):
     checkpoint_minutes: float = Field(default=5.0, gt=0)
     resume: bool = True
     log_every: int = Field(default=25, ge=1)
+
+    def augmentation(self) -> dict[str, float]:
+        """Keyword arguments for :func:`scope_stream.classify.data.augment`."""
+        return {
+            "jitter": self.color_jitter,
+            "blur_sigma_max": self.blur_sigma_max,
+            "blur_probability": self.blur_probability,
+            "gain_jitter": self.gain_jitter,
+        }
