@@ -13,9 +13,8 @@ torch = pytest.importorskip("torch")
 from scipy import ndimage as ndi  # noqa: E402
 
 from scope_stream.classify.data import augment, gaussian_blur  # noqa: E402
-from scope_stream.classify.testing import write_toy_folder  # noqa: E402
+from scope_stream.classify.testing import tiny_train_config, write_toy_folder  # noqa: E402
 from scope_stream.config import ConfigError, load_train_config  # noqa: E402
-from scope_stream.config.train import TrainConfig  # noqa: E402
 
 
 def _batch(n: int = 4, size: int = 16, seed: int = 0) -> Any:
@@ -104,24 +103,8 @@ def test_train_config_carries_the_optics_to_every_training_loop(tmp_path: Path, 
 
     monkeypatch.setattr(train_mod, "augment", spy)
     data = write_toy_folder(tmp_path / "data", ["a", "b"], per_class=6)
-    run = TrainConfig(
-        data=data,
-        out=tmp_path / "run",
-        exclude_classes=[],
-        holdout_fraction=0.2,
-        image_size=16,
-        block_out_channels=[16, 32],
-        attention_levels=[],
-        norm_num_groups=8,
-        batch_size=4,
-        steps=2,
-        device="cpu",
-        checkpoint_every=1000,
-        log_every=1000,
-        checkpoint_minutes=1000,
-        blur_sigma_max=0.8,
-        blur_probability=0.6,
-        gain_jitter=0.05,
+    run = tiny_train_config(
+        data, tmp_path / "run", 2, batch_size=4, blur_sigma_max=0.8, blur_probability=0.6, gain_jitter=0.05
     )
     res = train_mod.train_diffusion(run, progress=False)
     assert len(res["losses"]) == 2 and all(np.isfinite(res["losses"]))

@@ -22,7 +22,7 @@ from scope_stream.classify.metrics import (  # noqa: E402
     expected_calibration_error,
     macro_f1,
 )
-from scope_stream.classify.testing import make_tiny_model, toy_crops, write_toy_folder  # noqa: E402
+from scope_stream.classify.testing import make_tiny_model, tiny_train_config, toy_crops, write_toy_folder  # noqa: E402
 from scope_stream.config.classify import FlagConfig  # noqa: E402
 from scope_stream.config.train import TrainConfig  # noqa: E402
 from scope_stream.vocabulary import Cell, CellCall, CellKind, FlagReason  # noqa: E402
@@ -39,25 +39,7 @@ def clf(tiny: Path) -> DiffusionClassifier:
 
 
 def _tiny_cfg(data: Path, out: Path, steps: int) -> TrainConfig:
-    return TrainConfig(
-        data=data,
-        out=out,
-        exclude_classes=[],
-        holdout_fraction=0.2,
-        image_size=16,
-        block_out_channels=[16, 32],
-        attention_levels=[],
-        norm_num_groups=8,
-        batch_size=16,
-        steps=steps,
-        lr=2e-3,
-        warmup_steps=2,
-        ema_decay=0.9,
-        device="cpu",
-        checkpoint_every=1000,
-        log_every=1000,
-        checkpoint_minutes=1000,
-    )
+    return tiny_train_config(data, out, steps)
 
 
 # ------------------------------------------------------------------------------ training

@@ -10,10 +10,14 @@ from __future__ import annotations
 import csv
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-__all__ = ["make_tiny_model", "toy_crops", "write_toy_folder"]
+if TYPE_CHECKING:
+    from scope_stream.config.train import TrainConfig
+
+__all__ = ["make_tiny_model", "tiny_train_config", "toy_crops", "write_toy_folder"]
 
 _COLOURS = [(90, 40, 140), (220, 120, 160), (60, 120, 200), (200, 160, 60), (60, 160, 90), (150, 60, 60)]
 
@@ -71,6 +75,33 @@ def write_toy_folder(
     return folder
 
 
+def tiny_train_config(data: Path, out: Path, steps: int, **overrides: Any) -> TrainConfig:
+    """A training config for a tiny UNet on CPU (16 px, two levels, no attention, no checkpoints or logs)."""
+    from scope_stream.config.train import TrainConfig
+
+    settings: dict[str, Any] = {
+        "data": data,
+        "out": out,
+        "exclude_classes": [],
+        "holdout_fraction": 0.2,
+        "image_size": 16,
+        "block_out_channels": [16, 32],
+        "attention_levels": [],
+        "norm_num_groups": 8,
+        "batch_size": 16,
+        "steps": steps,
+        "lr": 2e-3,
+        "warmup_steps": 2,
+        "ema_decay": 0.9,
+        "device": "cpu",
+        "checkpoint_every": 10**6,
+        "log_every": 10**6,
+        "checkpoint_minutes": 10**6,
+    }
+    settings.update(overrides)
+    return TrainConfig(**settings)
+
+
 def make_tiny_model(
     out_dir: Path,
     classes: list[str] | None = None,
@@ -86,8 +117,6 @@ def make_tiny_model(
     """
     import torch
 
-    from scope_stream.config.train import TrainConfig
-
     from .classifier import DiffusionClassifier
     from .evaluate import calibrate, holdout_set, training_set
     from .features import FeatureProbe
@@ -96,25 +125,15 @@ def make_tiny_model(
     classes = list(classes) if classes is not None else ["lymphocyte", "neutrophil"]
     out_dir = Path(out_dir)
     data = write_toy_folder(out_dir / "data", classes, per_class=40, size=image_size, seed=seed)
-    cfg = TrainConfig(
-        data=data,
-        out=out_dir / "run",
-        exclude_classes=[],
+    cfg = tiny_train_config(
+        data,
+        out_dir / "run",
+        steps,
         holdout_fraction=0.25,
         image_size=image_size,
-        block_out_channels=[16, 32],
-        attention_levels=[],
-        norm_num_groups=8,
         batch_size=32,
-        steps=steps,
-        lr=2e-3,
         warmup_steps=5,
-        ema_decay=0.9,
         seed=seed,
-        device="cpu",
-        checkpoint_every=10**6,
-        log_every=10**6,
-        checkpoint_minutes=10**6,
     )
     threads = torch.get_num_threads()
     try:
