@@ -38,16 +38,12 @@ def clf(tiny: Path) -> DiffusionClassifier:
     return DiffusionClassifier.load(tiny, device="cpu")
 
 
-def _tiny_cfg(data: Path, out: Path, steps: int) -> TrainConfig:
-    return tiny_train_config(data, out, steps)
-
-
 # ------------------------------------------------------------------------------ training
 def test_tiny_model_trains_and_loss_falls(tmp_path: Path) -> None:
     from scope_stream.classify.train import train_diffusion
 
     data = write_toy_folder(tmp_path / "data", ["a", "b"], per_class=20)
-    res = train_diffusion(_tiny_cfg(data, tmp_path / "run", 40), progress=False)
+    res = train_diffusion(tiny_train_config(data, tmp_path / "run", 40), progress=False)
     losses = res["losses"]
     assert len(losses) == 40
     assert np.mean(losses[-8:]) < 0.6 * np.mean(losses[:4])
@@ -63,12 +59,12 @@ def test_resume_continues_from_checkpoint(tmp_path: Path) -> None:
     from scope_stream.classify.train import train_diffusion
 
     data = write_toy_folder(tmp_path / "data", ["a", "b"], per_class=10)
-    train_diffusion(_tiny_cfg(data, tmp_path / "run", 3), progress=False)
-    res = train_diffusion(_tiny_cfg(data, tmp_path / "run", 5), progress=False)
+    train_diffusion(tiny_train_config(data, tmp_path / "run", 3), progress=False)
+    res = train_diffusion(tiny_train_config(data, tmp_path / "run", 5), progress=False)
     assert len(res["losses"]) == 2  # steps 3 and 4 only
     state = json.loads((tmp_path / "run" / "checkpoint" / "state.json").read_text())
     assert state["step"] == 5
-    other = _tiny_cfg(data, tmp_path / "run", 6).model_copy(update={"block_out_channels": [8, 16]})
+    other = tiny_train_config(data, tmp_path / "run", 6, block_out_channels=[8, 16])
     with pytest.raises(ValueError, match="different model"):
         train_diffusion(other, progress=False)
 
@@ -323,7 +319,7 @@ def test_baseline_cnn_trains_and_scores(tmp_path: Path) -> None:
     from scope_stream.classify.baseline import CnnClassifier, train_baseline
 
     data = write_toy_folder(tmp_path / "data", ["a", "b"], per_class=20)
-    cfg = _tiny_cfg(data, tmp_path / "cnn", 30).model_copy(update={"model_type": "baseline", "lr": 3e-3})
+    cfg = tiny_train_config(data, tmp_path / "cnn", 30, model_type="baseline", lr=3e-3)
     model = train_baseline(cfg, width=8, progress=False)
     cnn = CnnClassifier(model, "cpu")
     x, y = toy_crops(20, 2, 16, seed=9)
