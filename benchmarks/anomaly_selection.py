@@ -34,15 +34,6 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def weighted_auroc(score: np.ndarray, abnormal: np.ndarray, weight: np.ndarray) -> float:
-    """AUROC with one weight per abnormal cell (normal cells count equally; ties count half)."""
-    neg = np.sort(score[~abnormal])
-    pos = score[abnormal]
-    below = (np.searchsorted(neg, pos, side="left") + np.searchsorted(neg, pos, side="right")) / 2
-    w = weight[abnormal]
-    return float(np.sum(w * below / len(neg)) / np.sum(w))
-
-
 def neg_log_p(score: np.ndarray, normal: np.ndarray) -> np.ndarray:
     """``-log`` of each cell's upper-tail p-value among the normal cells' scores."""
     ref = np.sort(score[normal])
@@ -52,16 +43,18 @@ def neg_log_p(score: np.ndarray, normal: np.ndarray) -> np.ndarray:
 
 def report(scores: dict[str, np.ndarray], kinds: np.ndarray, mix: dict[str, float]) -> dict[str, Any]:
     """AUROC of each score: all abnormal cells, each abnormal class, and the `val` mix."""
+    from scope_stream.classify.metrics import auroc
+
     abnormal = kinds != "normal"
     normal = ~abnormal
     counts = {k: int(np.sum(kinds == k)) for k in mix}
-    weight = np.array([mix.get(k, 0.0) / max(counts.get(k, 1), 1) for k in kinds])
+    weight = np.array([1.0 if k == "normal" else mix.get(k, 0.0) / max(counts.get(k, 1), 1) for k in kinds])
     out: dict[str, Any] = {}
     for name, s in scores.items():
-        row = {"all": weighted_auroc(s, abnormal, np.ones(len(s))), "val_mix": weighted_auroc(s, abnormal, weight)}
+        row = {"all": auroc(s, abnormal), "val_mix": auroc(s, abnormal, weights=weight)}
         for k in mix:
             keep = normal | (kinds == k)
-            row[k] = weighted_auroc(s[keep], abnormal[keep], np.ones(int(keep.sum())))
+            row[k] = auroc(s[keep], abnormal[keep])
         out[name] = {key: round(v, 4) for key, v in row.items()}
     return out
 

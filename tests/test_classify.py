@@ -178,6 +178,28 @@ def test_metrics_on_hand_made_examples() -> None:
         expected_calibration_error(np.array([np.nan]), np.array([1]))
 
 
+def test_weighted_auroc_counts_pairs_by_weight() -> None:
+    # positives 0.8 (weight 3) and 0.1 (weight 1) vs negatives 0.9, 0.2: only the pair (0.8, 0.2) is
+    # ordered right, and it counts 3 of the (3 + 1) * 2 = 8 weighted pairs
+    s, y = np.array([0.9, 0.2, 0.8, 0.1]), np.array([0, 0, 1, 1])
+    assert auroc(s, y, weights=np.array([1.0, 1.0, 3.0, 1.0])) == pytest.approx(3 / 8)
+    # equal weights change nothing, ties included; integer weights are repeated cells
+    rng = np.random.default_rng(0)
+    scores = rng.integers(0, 5, 40).astype(float)
+    pos = rng.random(40) < 0.4
+    assert auroc(scores, pos, weights=np.full(40, 2.5)) == pytest.approx(auroc(scores, pos))
+    reps = rng.integers(0, 4, 40)
+    assert auroc(scores, pos, weights=reps.astype(float)) == pytest.approx(
+        auroc(np.repeat(scores, reps), np.repeat(pos, reps))
+    )
+    with pytest.raises(ValueError, match="weights must be 4 finite values >= 0"):
+        auroc(s, y, weights=np.array([1.0, -1.0, 1.0, 1.0]))
+    with pytest.raises(ValueError, match="weights must be 4"):
+        auroc(s, y, weights=np.ones(3))
+    with pytest.raises(ValueError, match="some weight"):
+        auroc(s, y, weights=np.array([1.0, 1.0, 0.0, 0.0]))
+
+
 def test_relative_score_follows_cytodiffusion() -> None:
     # best 1.0, others 2,3,4: mean gap (1+2+3)/3 = 2; pairwise |2-3|,|2-4|,|3-4| mean 4/3 -> 2/3
     s = np.array([[1.0, 2.0, 3.0, 4.0], [1.0, 1.0, 1.0, 1.0]])

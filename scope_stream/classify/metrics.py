@@ -71,8 +71,12 @@ def expected_calibration_error(confidence: np.ndarray, correct: np.ndarray, n_bi
     return float(ece)
 
 
-def auroc(scores: np.ndarray, positive: np.ndarray) -> float:
-    """Area under the ROC curve (ties count half): P(score of a positive > score of a negative)."""
+def auroc(scores: np.ndarray, positive: np.ndarray, weights: np.ndarray | None = None) -> float:
+    """Area under the ROC curve (ties count half): P(score of a positive > score of a negative).
+
+    ``weights`` (one per cell, >= 0): each positive-negative pair counts with the product of its two
+    weights, as if each cell were repeated that often; use it to re-mix classes among the positives.
+    """
     s = np.asarray(scores, dtype=np.float64)
     y = np.asarray(positive).astype(bool)
     if s.shape != y.shape or s.ndim != 1:
@@ -82,10 +86,27 @@ def auroc(scores: np.ndarray, positive: np.ndarray) -> float:
     n_pos, n_neg = int(y.sum()), int((~y).sum())
     if n_pos == 0 or n_neg == 0:
         raise ValueError(f"AUROC needs positives and negatives, got {n_pos} and {n_neg}")
+    if weights is not None:
+        return _weighted_auroc(s, y, np.asarray(weights, dtype=np.float64))
     from scipy.stats import rankdata
 
     r = rankdata(s)
     return float((r[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def _weighted_auroc(s: np.ndarray, y: np.ndarray, w: np.ndarray) -> float:
+    if w.shape != s.shape or not np.isfinite(w).all() or (w < 0).any():
+        raise ValueError(f"AUROC weights must be {len(s)} finite values >= 0, got shape {w.shape}")
+    wp, wn = w[y], w[~y]
+    if wp.sum() <= 0 or wn.sum() <= 0:
+        raise ValueError("AUROC weights must give the positives and the negatives some weight")
+    order = np.argsort(s[~y], kind="stable")
+    neg = s[~y][order]
+    cum = np.concatenate([[0.0], np.cumsum(wn[order])])
+    lo = np.searchsorted(neg, s[y], side="left")
+    hi = np.searchsorted(neg, s[y], side="right")
+    below = cum[lo] + (cum[hi] - cum[lo]) / 2  # weight of negatives scored lower, ties half
+    return float(np.sum(wp * below) / (wp.sum() * wn.sum()))
 
 
 def reliability_diagram(
