@@ -106,10 +106,17 @@ def main() -> None:
     t_start = time.perf_counter()
     clf = DiffusionClassifier.load(args.model, args.device)
     abnormal_classes = [c for c in args.abnormal.split(",") if c]
+    if not abnormal_classes:
+        raise SystemExit("--abnormal names no class")
     known = [c for c in abnormal_classes if c in clf.classes]
     if known:
         raise SystemExit(f"--abnormal {known}: the model was trained on these, they cannot play abnormal cells")
-    info = json.loads((args.run / "holdout.json").read_text(encoding="utf-8"))
+    holdout = args.run / "holdout.json"
+    if not holdout.is_file():
+        raise SystemExit(
+            f"{holdout} not found: --run must be the training run of the model (it names its held-out cells)"
+        )
+    info = json.loads(holdout.read_text(encoding="utf-8"))
     data = Path(info["data"])
     normals = holdout_set(args.run, clf.image_size, args.normal_per_class)
     train = load_crops(data, clf.image_size, split="train", classes=abnormal_classes)
@@ -126,7 +133,8 @@ def main() -> None:
     for row in read_labels_csv(data):
         if row.split == "val" and row.label in val_counts:
             val_counts[row.label] += 1
-    mix = {c: n / max(sum(val_counts.values()), 1) for c, n in val_counts.items()}
+    total = sum(val_counts.values())  # no `val` split: weight the abnormal classes equally
+    mix = {c: (n / total if total else 1 / len(val_counts)) for c, n in val_counts.items()}
 
     x0 = clf.prepare(np.concatenate([normals.images, abnormal.images]))
     t0 = time.perf_counter()
