@@ -69,6 +69,34 @@ def test_resume_continues_from_checkpoint(tmp_path: Path) -> None:
         train_diffusion(other, progress=False)
 
 
+def test_ema_follows_the_trained_weights(tmp_path: Path) -> None:
+    """Two steps by hand: ema_n = d_n * ema_(n-1) + (1 - d_n) * raw_n with d_n = min(decay, (1+n)/(10+n))."""
+    from safetensors.torch import load_file
+
+    from scope_stream.classify.model import build_unet
+    from scope_stream.classify.train import spec_from_config, train_diffusion
+
+    data = write_toy_folder(tmp_path / "data", ["a", "b"], per_class=10)
+    cfg = tiny_train_config(data, tmp_path / "run", 1)
+    train_diffusion(cfg, progress=False)
+    torch.manual_seed(cfg.seed)
+    init = build_unet(spec_from_config(cfg, ["a", "b"])).state_dict()
+    raw1 = load_file(str(tmp_path / "run" / "raw" / "model.safetensors"))
+    ema1 = load_file(str(tmp_path / "run" / "ema" / "model.safetensors"))
+    d1 = min(cfg.ema_decay, 2 / 11)
+    moved = 0
+    for k, v in init.items():
+        torch.testing.assert_close(ema1[k], d1 * v.float() + (1 - d1) * raw1[k], rtol=1e-5, atol=1e-6)
+        moved += int(not torch.equal(raw1[k], v.float()))
+    assert moved > 10  # the step changed the weights, so the check above compares different tensors
+    train_diffusion(tiny_train_config(data, tmp_path / "run", 2), progress=False)  # resume: step 2
+    raw2 = load_file(str(tmp_path / "run" / "raw" / "model.safetensors"))
+    ema2 = load_file(str(tmp_path / "run" / "ema" / "model.safetensors"))
+    d2 = min(cfg.ema_decay, 3 / 12)
+    for k in init:
+        torch.testing.assert_close(ema2[k], d2 * ema1[k] + (1 - d2) * raw2[k], rtol=1e-5, atol=1e-6)
+
+
 def test_lr_schedule_warms_up_and_decays_to_the_time_budget() -> None:
     from scope_stream.classify.train import lr_at
 

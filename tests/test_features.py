@@ -148,3 +148,22 @@ def test_calibrate_cli_rejects_unknown_or_impossible_combinations(tiny: Path) ->
     assert res.exit_code != 0 and "feature bank" in res.output
     res = CliRunner().invoke(app, [*base, "--feature-layer", "up9"])
     assert res.exit_code != 0 and "up9" in res.output
+    res = CliRunner().invoke(app, [*base, "--precision", "fp8"])
+    assert res.exit_code != 0 and "precision must be one of auto, fp32, bf16, got 'fp8'" in res.output
+
+
+def test_precision_chooses_the_unet_arithmetic(tiny: Path) -> None:
+    from scope_stream.classify.model import ModelError
+
+    crops = toy_crops(6, 3, 16, seed=5)[0]
+    auto = DiffusionClassifier.load(tiny, device="cpu")
+    fp32 = DiffusionClassifier.load(tiny, device="cpu", precision="fp32")
+    bf16 = DiffusionClassifier.load(tiny, device="cpu", precision="bf16")
+    assert (auto.bf16, fp32.bf16, bf16.bf16) == (False, False, True)
+    assert bf16.denoiser.bf16
+    s_auto, s_fp32, s_bf16 = (c.score(crops).scores for c in (auto, fp32, bf16))
+    np.testing.assert_array_equal(s_auto, s_fp32)  # on CPU, auto is float32
+    assert not np.array_equal(s_fp32, s_bf16)  # bf16 really changes the arithmetic ...
+    np.testing.assert_allclose(s_bf16, s_fp32, rtol=0.2)  # ... but not the errors' size
+    with pytest.raises(ModelError, match="precision must be one of"):
+        DiffusionClassifier.load(tiny, device="cpu", precision="half")

@@ -20,9 +20,11 @@ from .features import FEATURE_BANK, FeatureBank, FeatureProbe, extract_features
 from .model import CALIBRATION, ModelError, alphas_cumprod, load_unet, model_id_of, pick_device
 from .procedures import Denoiser, FastPlan, ProcResult, ReferenceParams, classify_fast, classify_reference
 
-__all__ = ["DEFAULT_MODEL_DIR", "DiffusionClassifier", "Scores"]
+__all__ = ["DEFAULT_MODEL_DIR", "PRECISIONS", "DiffusionClassifier", "Scores"]
 
 #: the shipped model
+#: UNet arithmetic: "auto" (bf16 autocast on CUDA, float32 on CPU), "fp32" or "bf16".
+PRECISIONS = ("auto", "fp32", "bf16")
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parents[2] / "models" / "cytodiffusion-pbc-32-long"
 
 Procedure = Literal["fast", "reference"]
@@ -54,11 +56,19 @@ class DiffusionClassifier:
     Use :meth:`load`; :meth:`classify` returns one :class:`CellCall` per crop, :meth:`score` the raw arrays.
     """
 
-    def __init__(self, model_dir: Path, device: str = "auto", max_batch: int = 256) -> None:
+    def __init__(self, model_dir: Path, device: str = "auto", max_batch: int = 256, precision: str = "auto") -> None:
         import torch
 
+        if precision not in PRECISIONS:
+            raise ModelError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
         self.model_dir = Path(model_dir)
         self.device = pick_device(device)
+        #: bf16 autocast for the UNet ("auto": on CUDA only). "fp32" on CUDA also turns TF32 off, so that GPU
+        #: scores match the CPU's float32 ones (a calibration fitted on a GPU for CPU use needs that).
+        self.bf16 = precision == "bf16" or (precision == "auto" and self.device.startswith("cuda"))
+        if precision == "fp32" and self.device.startswith("cuda"):
+            torch.backends.cuda.matmul.allow_tf32 = False
+            torch.backends.cudnn.allow_tf32 = False
         self.unet, self.spec = load_unet(self.model_dir, self.device)
         self.classes: list[str] = list(self.spec.classes)
         self.image_size: int = self.spec.image_size
@@ -75,10 +85,9 @@ class DiffusionClassifier:
             from .autoencoder import load_autoencoder
 
             self.vae, self.ae_spec = load_autoencoder(self.model_dir / "autoencoder", self.device)
-        bf16 = self.device.startswith("cuda")
         sigma = self.calibration.centre_sigma if self.calibration is not None else 0.0
         self.denoiser = Denoiser(
-            self.unet, alphas_cumprod(self.spec), self.device, max_batch=max_batch, bf16=bf16, centre_sigma=sigma
+            self.unet, alphas_cumprod(self.spec), self.device, max_batch=max_batch, bf16=self.bf16, centre_sigma=sigma
         )
         self.reference_params = ReferenceParams()
         self.feature_bank: FeatureBank | None = None
@@ -91,12 +100,12 @@ class DiffusionClassifier:
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def load(cls, path: Path | None = None, device: str = "auto") -> DiffusionClassifier:
-        """Load a model directory (``None``: the shipped model in ``models/``)."""
+    def load(cls, path: Path | None = None, device: str = "auto", precision: str = "auto") -> DiffusionClassifier:
+        """Load a model directory (``None``: the shipped model in ``models/``); ``precision``: auto, fp32, bf16."""
         model_dir = Path(path) if path is not None else DEFAULT_MODEL_DIR
         if not model_dir.is_dir():
             raise ModelError(f"model directory {model_dir} not found")
-        return cls(model_dir, device)
+        return cls(model_dir, device, precision=precision)
 
     @property
     def fast_plan(self) -> FastPlan:
@@ -145,8 +154,7 @@ class DiffusionClassifier:
 
     def features_with(self, probe: FeatureProbe, x0: Any, cond: np.ndarray) -> np.ndarray:
         """Pooled UNet features for any ``probe`` (see :func:`.features.extract_features`)."""
-        bf16 = self.device.startswith("cuda")
-        feats = extract_features(self.unet, self.denoiser.acp, x0, cond, probe, bf16=bf16)
+        feats = extract_features(self.unet, self.denoiser.acp, x0, cond, probe, bf16=self.bf16)
         self.denoiser.evaluations += len(cond) * len(probe.timesteps)
         return feats
 

@@ -238,6 +238,13 @@ def train_diffusion(cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
         prog.start()
         task = prog.add_task("train", total=cfg.steps, completed=step, info="")
     unet.train()
+    # The EMA update as two fused list operations (one per step, not two kernels per tensor): the state
+    # dict's tensors share storage with the parameters, so these lists stay current as the optimiser steps.
+    live = unet.state_dict()
+    float_keys = [k for k, v in live.items() if v.dtype.is_floating_point]
+    other_keys = [k for k, v in live.items() if not v.dtype.is_floating_point]
+    ema_float = [ema[k] for k in float_keys]
+    live_float = [live[k].detach() for k in float_keys]
     t_log = time.monotonic()
     n_log = 0
     try:
@@ -275,11 +282,10 @@ def train_diffusion(cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
             step += 1
             decay = min(cfg.ema_decay, (1 + step) / (10 + step))
             with torch.no_grad():
-                for k, v in unet.state_dict().items():
-                    if v.dtype.is_floating_point:
-                        ema[k].mul_(decay).add_(v.detach().float(), alpha=1 - decay)
-                    else:
-                        ema[k].copy_(v)
+                torch._foreach_mul_(ema_float, decay)
+                torch._foreach_add_(ema_float, live_float, alpha=1 - decay)
+                for k in other_keys:
+                    ema[k].copy_(live[k])
             losses.append(float(loss.item()))
             n_log += x0.shape[0]
             elapsed = time.monotonic() - t_start

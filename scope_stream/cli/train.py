@@ -9,6 +9,11 @@ import typer
 
 from .app import app, evaluate_app, fail
 
+PRECISION_HELP = (
+    "UNet arithmetic: auto (bf16 on CUDA, float32 on CPU), fp32 (also TF32 off: GPU scores then match the "
+    "CPU's, as a calibration made on a GPU for CPU use needs) or bf16."
+)
+
 
 @app.command()
 def train(
@@ -84,6 +89,7 @@ def calibrate(
         ),
     ] = "gap,feature",
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    precision: Annotated[str, typer.Option(help=PRECISION_HELP)] = "auto",
 ) -> None:
     """Fit temperature, fast-procedure plan, anomaly reference and flag thresholds on held-out train cells."""
     import json
@@ -104,7 +110,7 @@ def calibrate(
     try:
         ts = [int(t) for t in _parse_list(feature_timesteps)]
         probe = FeatureProbe(feature_layer, ts, [801 + i for i in range(len(ts))], feature_k)
-        clf = DiffusionClassifier.load(model, device)
+        clf = DiffusionClassifier.load(model, device, precision)
         layer_module(clf.unet, feature_layer)
         cells = holdout_set(run, clf.image_size, per_class)
         bank = training_set(run, clf.image_size, clf.classes, feature_bank) if feature_bank else None
@@ -151,6 +157,7 @@ def evaluate_classifier(
     limit_per_class: Annotated[int | None, typer.Option(help="At most this many cells per label (seeded).")] = None,
     png: Annotated[Path | None, typer.Option(help="Reliability diagram PNG (default: next to the JSON).")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    precision: Annotated[str, typer.Option(help=PRECISION_HELP)] = "auto",
 ) -> None:
     """Accuracy, balanced accuracy, macro-F1, recalls, confusion, ECE, anomaly AUROC and a reliability PNG."""
     import json
@@ -167,7 +174,9 @@ def evaluate_classifier(
     model_dir = model if model is not None else DEFAULT_MODEL_DIR
     try:
         clf: CnnClassifier | DiffusionClassifier = (
-            CnnClassifier(model_dir, device) if is_cnn_dir(model_dir) else DiffusionClassifier.load(model_dir, device)
+            CnnClassifier(model_dir, device)
+            if is_cnn_dir(model_dir)
+            else DiffusionClassifier.load(model_dir, device, precision)
         )
         cells = load_crops(data, clf.image_size, split=split, limit_per_class=limit_per_class, progress=True)
     except (ModelError, DatasetError, FileNotFoundError, ValueError) as exc:
