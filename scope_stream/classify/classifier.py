@@ -25,7 +25,7 @@ __all__ = ["DEFAULT_MODEL_DIR", "PRECISIONS", "DiffusionClassifier", "Scores"]
 #: the shipped model
 #: UNet arithmetic: "auto" (bf16 autocast on CUDA, float32 on CPU), "fp32" or "bf16".
 PRECISIONS = ("auto", "fp32", "bf16")
-DEFAULT_MODEL_DIR = Path(__file__).resolve().parents[2] / "models" / "cytodiffusion-pbc-32-long"
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parents[2] / "models" / "cytodiffusion-pbc-32-gpu"
 
 Procedure = Literal["fast", "reference"]
 
