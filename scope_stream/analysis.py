@@ -100,8 +100,15 @@ def build_analyzer(config: ScopeStreamConfig, device: str = "cpu") -> CellAnalyz
     from scope_stream.classify.classifier import DiffusionClassifier
 
     want = config.classifier.device if config.classifier.device != "auto" else device
-    clf = DiffusionClassifier.load(config.classifier.model, device=want)
-    log.info("analyzer: %s on %s, procedure %s", clf.model_id, clf.device, config.classifier.procedure)
+    cc = config.classifier
+    clf = DiffusionClassifier.load(cc.model, device=want, precision=cc.precision, max_batch=cc.max_batch)
+    log.info(
+        "analyzer: %s on %s (%s), procedure %s",
+        clf.model_id,
+        clf.device,
+        "bf16" if clf.bf16 else "float32",
+        cc.procedure,
+    )
     return CellAnalyzer(config, clf)
 
 

@@ -60,3 +60,19 @@ def test_analyzer_on_an_empty_tile(tiny_model: Path) -> None:
     )
     (res,) = build_analyzer(cfg, "cpu").analyze([blank])
     assert res.cells == [] and res.calls == [] and res.crops.shape[0] == 0
+
+
+def test_classifier_settings_reach_the_worker(tiny_model: Path) -> None:
+    cfg = ScopeStreamConfig.model_validate(
+        {"classifier": {"model": str(tiny_model), "precision": "bf16", "max_batch": 7}}
+    )
+    clf = build_analyzer(cfg, "cpu").classifier
+    assert clf is not None and clf.bf16 and clf.denoiser.bf16 and clf.denoiser.max_batch == 7
+    assert (
+        build_analyzer(
+            ScopeStreamConfig.model_validate({"classifier": {"model": str(tiny_model)}}), "cpu"
+        ).classifier.bf16
+        is False
+    )
+    with pytest.raises(ValueError, match="precision"):
+        ScopeStreamConfig.model_validate({"classifier": {"precision": "fp8"}})

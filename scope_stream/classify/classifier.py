@@ -100,12 +100,15 @@ class DiffusionClassifier:
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def load(cls, path: Path | None = None, device: str = "auto", precision: str = "auto") -> DiffusionClassifier:
-        """Load a model directory (``None``: the shipped model in ``models/``); ``precision``: auto, fp32, bf16."""
+    def load(
+        cls, path: Path | None = None, device: str = "auto", precision: str = "auto", max_batch: int = 256
+    ) -> DiffusionClassifier:
+        """Load a model directory (``None``: the shipped model in ``models/``); ``precision``: auto, fp32, bf16;
+        ``max_batch``: UNet evaluations per forward pass."""
         model_dir = Path(path) if path is not None else DEFAULT_MODEL_DIR
         if not model_dir.is_dir():
             raise ModelError(f"model directory {model_dir} not found")
-        return cls(model_dir, device, precision=precision)
+        return cls(model_dir, device, max_batch=max_batch, precision=precision)
 
     @property
     def fast_plan(self) -> FastPlan:

@@ -16,6 +16,9 @@ class ClassifierConfig(Section):
     model: Path | None = None  # None: the shipped model in models/
     procedure: Literal["fast", "reference"] = "fast"
     device: str = "auto"
+    # UNet arithmetic. auto: bf16 autocast on CUDA (faster), float32 on CPU. The shipped model's calibration
+    # was fitted in float32; fp32 reproduces its figures on a GPU, bf16's effect on them was not measured.
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
     seed: int = 0
     max_batch: int = Field(default=256, ge=1)  # UNet evaluations per forward pass
 
