@@ -2,7 +2,8 @@
 # Train configs/train-pbc-gpu.yaml and configs/train-pbc-gpu-wide.yaml side by side on one GPU, then calibrate
 # (on the GPU in float32, TF32 off, so the calibration holds on CPU) and evaluate on PBC val each weight set.
 # Run from the repository root on the GPU machine, after packing the data where it can be read:
-#   here:   python examples/gpu_training/pack_data.py ../shared/data/pbc .gpu
+#   here:   python examples/gpu_training/pack_data.py ../shared/data/pbc .gpu    # 27 MB; or, 17 MB without val:
+#           python examples/gpu_training/pack_data.py ../shared/data/pbc .gpu --split train --exclude ig,erythroblast
 #   there:  MIN=6 bash examples/gpu_training/run.sh 2>&1 | tee run.log
 # Results: $R/models/{v1,v2}-{raw,ema}/ (float16 weights, calibration.json, feature bank), $R/metrics/*-val.json,
 # $R/logs/, and tars of them in $OUT. Python packages missing there can come as wheels in .whl/ (WHEELS=1).
@@ -55,6 +56,7 @@ caleval() {  # model dir name
   $PY -m scope_stream calibrate --model "$R/models/$m" --run "$R/$run" --per-class "$PER" --noises 2 \
     --centre-sigma 0.22 --feature-bank "$BANK" --device "$DEV" --precision fp32 > "$R/logs/cal-$m.log" 2>&1 \
     || { echo "calibrate $m failed"; tail -5 "$R/logs/cal-$m.log"; return; }
+  if ! grep -qE $',val\r?$' "$SCOPE_STREAM_DATA/pbc/labels.csv"; then echo "$m: calibrated; no val rows packed, evaluate it on the CPU"; return; fi
   $PY -m scope_stream evaluate classifier --data "$SCOPE_STREAM_DATA/pbc" --split val --model "$R/models/$m" \
     --anomaly-classes ig,erythroblast --device "$DEV" --precision fp32 --json "$R/metrics/$m-val.json" "${lim[@]}" \
     > "$R/logs/eval-$m.log" 2>&1 || { echo "evaluate $m failed"; tail -5 "$R/logs/eval-$m.log"; return; }
