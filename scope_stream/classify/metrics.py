@@ -86,12 +86,8 @@ def auroc(scores: np.ndarray, positive: np.ndarray, weights: np.ndarray | None =
     n_pos, n_neg = int(y.sum()), int((~y).sum())
     if n_pos == 0 or n_neg == 0:
         raise ValueError(f"AUROC needs positives and negatives, got {n_pos} and {n_neg}")
-    if weights is not None:
-        return _weighted_auroc(s, y, np.asarray(weights, dtype=np.float64))
-    from scipy.stats import rankdata
-
-    r = rankdata(s)
-    return float((r[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+    w = np.ones(len(s)) if weights is None else np.asarray(weights, dtype=np.float64)
+    return _weighted_auroc(s, y, w)
 
 
 def _weighted_auroc(s: np.ndarray, y: np.ndarray, w: np.ndarray) -> float:
