@@ -1,7 +1,7 @@
 """Which flagging score? Anomaly AUROCs of candidate scores on the selection set, never `val`; prints JSON.
 
-    nice -n 10 .venv/bin/python benchmarks/anomaly_selection.py --model models/cytodiffusion-pbc-32-long \
-        --run runs/pbc --threads 2 --json runs/anomaly-selection.json
+    nice -n 10 .venv/bin/python benchmarks/anomaly_selection.py --model models/cytodiffusion-pbc-32-gpu \
+        --run runs/pbc-gpu --threads 2 --json runs/anomaly-selection.json
 
 The selection set holds the run's held-out normal cells (``holdout.json``: never trained on; the
 calibration cells are among them) against training-split cells of the classes the model left out
@@ -11,6 +11,8 @@ calibration cells are among them) against training-split cells of the classes th
   (what the pipeline computes);
 * ``feature_tT``: the k-NN distance in pooled UNet features (the model's probe layer, four noises) at
   timestep T, against a bank of ``--bank-per-class`` training cells per class;
+* ``probe_gap_tT``: the paired top-2 gap at the same four (timestep, noise) pairs (predicted against
+  runner-up class, see ``scope_stream.classify.features``);
 * ``full_gap`` / ``full_relative``: the same error scores from every class at every ``--full-levels``
   timestep (``--full-noises`` noises each, no pruning), on every ``--full-every``-th cell (costly);
 * ``A+B``: Fisher's combination of ranks, each turned into an upper-tail p-value against the selection
@@ -149,12 +151,19 @@ def main() -> None:
     yb = bank_cells.label_indices(clf.classes)
     layer = clf.feature_bank.probe.layer if clf.feature_bank is not None else "up0"
     feature_names = []
+    runner_up = np.argsort(fast, axis=1, kind="stable")[:, 1]
     for t in [int(v) for v in args.probe_timesteps.split(",") if v]:
-        probe = FeatureProbe(layer=layer, timesteps=[t] * 4, noise_seeds=[801, 802, 803, 804], k=20)
+        probe = FeatureProbe(layer=layer, timesteps=[t] * 4, noise_seeds=[801, 802, 803, 804], k=20, runner_up=True)
         bank = FeatureBank.fit(clf.features_with(probe, xb, yb), yb, probe)
-        scores[f"feature_t{t}"] = bank.distance(clf.features_with(probe, x0, pred))
+        res = clf.probe_with(probe, x0, pred, runner_up)
+        assert res.pair_gap is not None
+        scores[f"feature_t{t}"] = bank.distance(res.features)
+        scores[f"probe_gap_t{t}"] = -res.pair_gap
         feature_names.append(f"feature_t{t}")
     scores |= combos(scores, normal, "fast_gap", feature_names)
+    for t in [int(v) for v in args.probe_timesteps.split(",") if v]:  # the probe's design: both of its scores
+        nl = [neg_log_p(scores[k], normal) for k in ("fast_gap", f"probe_gap_t{t}", f"feature_t{t}")]
+        scores[f"fast_gap+probe_gap_t{t}+feature_t{t}"] = sum(nl)
     out: dict[str, Any] = {
         "model_id": clf.model_id,
         "run": str(args.run),

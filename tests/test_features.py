@@ -167,3 +167,122 @@ def test_precision_chooses_the_unet_arithmetic(tiny: Path) -> None:
     np.testing.assert_allclose(s_bf16, s_fp32, rtol=0.2)  # ... but not the errors' size
     with pytest.raises(ModelError, match="precision must be one of"):
         DiffusionClassifier.load(tiny, device="cpu", precision="half")
+
+
+def test_probe_gap_pairs_the_runner_up_with_the_predicted_class_on_the_same_noises(tiny: Path) -> None:
+    from scope_stream.classify.procedures import level_noises
+
+    clf = DiffusionClassifier.load(tiny, device="cpu")
+    clf.denoiser.centre_sigma = 0.22  # the probe must weight its errors as the classifier does
+    x0 = clf.prepare(toy_crops(6, 2, clf.image_size, seed=7)[0])
+    probe = FeatureProbe(layer="up0", timesteps=[250, 400], noise_seeds=[11, 12], k=3, runner_up=True)
+    pred, other = np.zeros(6, dtype=np.int64), np.ones(6, dtype=np.int64)
+    res = clf.probe_with(probe, x0, pred, other)
+    assert res.pair_gap is not None and res.pair_gap.shape == (6,)
+    noise = level_noises([11, 12], tuple(x0.shape[1:]))
+    cells = np.repeat(np.arange(6), 2)
+    ts, idx = np.tile([250, 400], 6), np.tile([0, 1], 6)
+    e_pred = clf.denoiser.errors(x0, cells, np.zeros(12, dtype=np.int64), ts, noise, idx).reshape(6, 2).sum(1)
+    e_other = clf.denoiser.errors(x0, cells, np.ones(12, dtype=np.int64), ts, noise, idx).reshape(6, 2).sum(1)
+    np.testing.assert_allclose(res.pair_gap, (e_other - e_pred) / e_pred, rtol=1e-4)
+    # the runner-up's pass does not leak into the features, which stay those of the predicted class
+    alone = clf.features_with(probe, x0, pred)
+    np.testing.assert_allclose(res.features, alone, rtol=1e-5, atol=1e-6)
+    assert FeatureProbe.from_json(probe.to_json()).runner_up and probe.evaluations == 4
+    assert not FeatureProbe.from_json({**probe.to_json(), "runner_up": False}).runner_up
+    legacy = {k: v for k, v in probe.to_json().items() if k != "runner_up"}  # written before the field existed
+    assert FeatureProbe.from_json(legacy).runner_up is False
+
+
+def test_the_probe_gap_joins_the_combined_score() -> None:
+    rng = np.random.default_rng(1)
+    n = 200
+    scores = np.c_[np.full(n, 1.0), 1.5 + rng.uniform(0, 0.5, n), 2.0 + rng.uniform(0, 0.5, n)]
+    pgap = rng.uniform(0.3, 0.6, n)
+    cal = AnomalyCalibration.fit(scores, np.zeros(n, dtype=int), probe_gap=pgap, combine=("gap", "probe_gap"))
+    assert len(cal.probe_gap_ref) == n
+    assert 0.03 < float(np.mean(cal.combined_anomaly(scores, probe_gap=pgap) >= 0.95)) < 0.08
+    odd = np.array([[1.0, 1.75, 2.2], [1.0, 1.75, 2.2]])  # a typical top-2 gap
+    comb = cal.combined_anomaly(odd, probe_gap=np.array([0.45, -0.05]))  # the second: runner-up wins at the probe
+    assert comb[1] > 0.95 > comb[0]
+    assert cal.probe_gap_anomaly(np.array([-0.05]))[0] > 0.99
+    with pytest.raises(ValueError, match="probe gaps"):
+        cal.combined_anomaly(odd)
+    with pytest.raises(ValueError, match="probe gaps"):
+        AnomalyCalibration.fit(scores, np.zeros(n, dtype=int), combine=("probe_gap",))
+    with pytest.raises(ValueError, match="probe gaps must be 200 finite"):
+        AnomalyCalibration.fit(scores, np.zeros(n, dtype=int), probe_gap=np.full(n, np.nan))
+    with pytest.raises(ValueError, match="no probe-gap reference"):
+        AnomalyCalibration.fit(scores, np.zeros(n, dtype=int)).probe_gap_anomaly(pgap)
+
+
+def test_refitting_the_anomaly_score_keeps_every_classification(tiny: Path, tmp_path: Path) -> None:
+    from scope_stream.classify.evaluate import refit_anomaly
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny, model)
+    run = tiny.parent
+    clf = DiffusionClassifier.load(model, device="cpu")
+    before = json.loads((model / "calibration.json").read_text())
+    x, _ = toy_crops(6, 2, clf.image_size, seed=5)
+    s0 = clf.score(x)
+    probe = FeatureProbe(layer="up0", timesteps=[250, 250], noise_seeds=[1, 2], k=3, runner_up=True)
+    refit_anomaly(
+        clf,
+        holdout_set(run, clf.image_size),
+        bank_cells=training_set(run, clf.image_size, clf.classes, limit_per_class=12),
+        probe=probe,
+        combine=("gap", "probe_gap", "feature"),
+        info={"anomaly_refit_on": "toy held-out cells"},
+    )
+    after = json.loads((model / "calibration.json").read_text())
+    assert after["fast"]["plan"] == before["fast"]["plan"]
+    assert after["fast"]["temperature"] == before["fast"]["temperature"]
+    assert after["flags"] == before["flags"] and after["error_weighting"] == before["error_weighting"]
+    assert after["features"]["probe"]["runner_up"] is True
+    assert after["fast"]["anomaly"]["combine"] == ["gap", "probe_gap", "feature"]
+    assert after["info"]["anomaly_refit_on"] == "toy held-out cells"
+
+    again = DiffusionClassifier.load(model, device="cpu")
+    s = again.score(x)
+    np.testing.assert_array_equal(s.scores, s0.scores)
+    np.testing.assert_allclose(s.probabilities, s0.probabilities)
+    assert s.anomaly_probe_gap is not None and s.probe_gap is not None
+    plan_only = again.run(again.prepare(x), "fast").evaluations
+    assert (s.evaluations == plan_only + 4).all()  # two probe levels, predicted and runner-up class
+
+    bare = tmp_path / "bare"
+    shutil.copytree(tiny, bare)
+    (bare / "calibration.json").unlink()
+    with pytest.raises(ValueError, match="not calibrated yet"):
+        refit_anomaly(DiffusionClassifier.load(bare, device="cpu"), holdout_set(run, clf.image_size))
+
+
+def test_calibrate_cli_refits_only_the_anomaly_score(tiny: Path, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from scope_stream.cli.app import app
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny, model)
+    before = json.loads((model / "calibration.json").read_text())
+    base = ["calibrate", "--model", str(model), "--run", str(tiny.parent), "--device", "cpu"]
+    res = CliRunner().invoke(app, [*base, "--combine", "gap,probe_gap", "--no-runner-up"])
+    assert res.exit_code != 0 and "--runner-up" in res.output
+    res = CliRunner().invoke(
+        app, [*base, "--anomaly-only", "--feature-bank", "10", "--feature-timesteps", "250", "--feature-k", "3"]
+    )
+    assert res.exit_code == 0, res.output
+    after = json.loads((model / "calibration.json").read_text())
+    assert after["fast"]["plan"] == before["fast"]["plan"]
+    assert after["fast"]["anomaly"]["combine"] == ["gap", "probe_gap", "feature"]
+    assert after["features"]["probe"] == {
+        "layer": "up0",
+        "timesteps": [250],
+        "noise_seeds": [801],
+        "k": 3,
+        "runner_up": True,
+    }
+    (model / "calibration.json").unlink()
+    res = CliRunner().invoke(app, [*base, "--anomaly-only"])
+    assert res.exit_code != 0 and "not calibrated yet" in " ".join(res.output.split())

@@ -10,6 +10,8 @@
   score (*lower* = more anomalous): the plain two-class form of the relative score.
 * the feature distance of :mod:`.features` -- how unlike the training cells the cell looks to the
   UNet (*higher* = more anomalous).
+* the paired gap of :mod:`.features` (``probe_gap``) -- the top-2 gap again, measured at the probe's
+  timesteps with the same noises for both classes (*lower* = more anomalous).
 
 :class:`AnomalyCalibration` turns each into a calibrated anomaly score in [0, 1]: the fraction
 of calibration (normal) cells that look *less* anomalous, so a threshold of 0.95 flags about 5% of
@@ -28,7 +30,7 @@ import numpy as np
 __all__ = ["COMPONENTS", "AnomalyCalibration", "absolute_score", "relative_score", "top2_gap"]
 
 #: the scores :meth:`AnomalyCalibration.combined_anomaly` can combine
-COMPONENTS = ("relative", "gap", "feature")
+COMPONENTS = ("relative", "gap", "feature", "probe_gap")
 
 
 def _check_scores(scores: np.ndarray) -> np.ndarray:
@@ -81,6 +83,7 @@ class AnomalyCalibration:
     feature_ref: list[float] = field(default_factory=list)  # sorted feature distances of calibration cells
     combine: list[str] = field(default_factory=list)  # components of the combined score (empty: relative)
     combined_ref: list[float] = field(default_factory=list)  # sorted combined values of calibration cells
+    probe_gap_ref: list[float] = field(default_factory=list)  # sorted paired probe gaps of calibration cells
 
     @classmethod
     def fit(
@@ -91,15 +94,18 @@ class AnomalyCalibration:
         *,
         feature_distance: np.ndarray | None = None,
         combine: tuple[str, ...] = (),
+        probe_gap: np.ndarray | None = None,
     ) -> AnomalyCalibration:
         """Fit on normal calibration cells: ``scores (N, C)``, true ``labels (N,)``; optionally their
-        ``feature_distance (N,)`` and the components the combined score joins."""
+        ``feature_distance (N,)``, ``probe_gap (N,)`` and the components the combined score joins."""
         s = _check_scores(scores)
         unknown = [c for c in combine if c not in COMPONENTS]
         if unknown:
             raise ValueError(f"unknown anomaly components {unknown}; choose from {list(COMPONENTS)}")
         if "feature" in combine and feature_distance is None:
             raise ValueError("combining the feature score needs the calibration cells' feature distances")
+        if "probe_gap" in combine and probe_gap is None:
+            raise ValueError("combining the probe gap needs the calibration cells' probe gaps (a runner-up probe)")
         c = s.shape[1]
         mean = np.zeros(c)
         std = np.ones(c)
@@ -112,14 +118,17 @@ class AnomalyCalibration:
         rel = np.sort(relative_score(s, k))
         ab = np.sort(absolute_score(s, mean, std))
         out = cls(rel.tolist(), mean.tolist(), std.tolist(), ab.tolist(), k, np.sort(top2_gap(s)).tolist())
+        for name, values in (("feature distances", feature_distance), ("probe gaps", probe_gap)):
+            v = np.asarray(values if values is not None else np.zeros(len(s)), dtype=np.float64)
+            if v.shape != (len(s),) or not np.isfinite(v).all():
+                raise ValueError(f"{name} must be {len(s)} finite values, got shape {v.shape}")
         if feature_distance is not None:
-            fd = np.asarray(feature_distance, dtype=np.float64)
-            if fd.shape != (len(s),) or not np.isfinite(fd).all():
-                raise ValueError(f"feature distances must be {len(s)} finite values, got shape {fd.shape}")
-            out.feature_ref = np.sort(fd).tolist()
+            out.feature_ref = np.sort(np.asarray(feature_distance, dtype=np.float64)).tolist()
+        if probe_gap is not None:
+            out.probe_gap_ref = np.sort(np.asarray(probe_gap, dtype=np.float64)).tolist()
         if combine:
             out.combine = list(combine)
-            out.combined_ref = np.sort(out._fisher_statistic(s, feature_distance)).tolist()
+            out.combined_ref = np.sort(out._fisher_statistic(s, feature_distance, probe_gap)).tolist()
         return out
 
     def relative_anomaly(self, scores: np.ndarray) -> np.ndarray:
@@ -143,13 +152,25 @@ class AnomalyCalibration:
             raise ValueError("this calibration has no feature-distance reference (calibrate with a feature bank)")
         return _smooth_ecdf(np.asarray(self.feature_ref), np.asarray(distance, dtype=np.float64))
 
-    def _fisher_statistic(self, scores: np.ndarray, distance: np.ndarray | None) -> np.ndarray:
+    def probe_gap_anomaly(self, probe_gap: np.ndarray) -> np.ndarray:
+        """Calibrated paired probe gap anomaly in (0, 1)."""
+        if not self.probe_gap_ref:
+            raise ValueError("this calibration has no probe-gap reference (calibrate with a runner-up probe)")
+        return 1.0 - _smooth_ecdf(np.asarray(self.probe_gap_ref), np.asarray(probe_gap, dtype=np.float64))
+
+    def _fisher_statistic(
+        self, scores: np.ndarray, distance: np.ndarray | None, probe_gap: np.ndarray | None = None
+    ) -> np.ndarray:
         parts = []
         for c in self.combine:
             if c == "relative":
                 parts.append(self.relative_anomaly(scores))
             elif c == "gap":
                 parts.append(self.gap_anomaly(scores))
+            elif c == "probe_gap":
+                if probe_gap is None:
+                    raise ValueError("the combined anomaly score needs the probe gaps")
+                parts.append(self.probe_gap_anomaly(probe_gap))
             else:
                 if distance is None:
                     raise ValueError("the combined anomaly score needs feature distances")
@@ -157,12 +178,14 @@ class AnomalyCalibration:
         # Fisher's method: each calibrated score is 1 - (p-value under normal cells)
         return np.asarray(-np.log(np.clip(1.0 - np.asarray(parts), 1e-300, None)).sum(axis=0))
 
-    def combined_anomaly(self, scores: np.ndarray, distance: np.ndarray | None = None) -> np.ndarray:
+    def combined_anomaly(
+        self, scores: np.ndarray, distance: np.ndarray | None = None, probe_gap: np.ndarray | None = None
+    ) -> np.ndarray:
         """The flagging score in (0, 1): Fisher's combination of the calibrated ``combine`` components,
         calibrated again on the calibration cells (without ``combine``: the relative anomaly)."""
         if not self.combine:
             return self.relative_anomaly(scores)
-        return _smooth_ecdf(np.asarray(self.combined_ref), self._fisher_statistic(scores, distance))
+        return _smooth_ecdf(np.asarray(self.combined_ref), self._fisher_statistic(scores, distance, probe_gap))
 
 
 def _smooth_ecdf(ref: np.ndarray, x: np.ndarray) -> np.ndarray:

@@ -16,9 +16,17 @@ from scope_stream.vocabulary import CellCall
 from .anomaly import AnomalyCalibration, relative_score
 from .calibration import Calibration, softmax_neg
 from .data import check_crops, resize_crops, to_model_input
-from .features import FEATURE_BANK, FeatureBank, FeatureProbe, extract_features
+from .features import FEATURE_BANK, FeatureBank, FeatureProbe, ProbeResult, probe_cells
 from .model import CALIBRATION, ModelError, alphas_cumprod, load_unet, model_id_of, pick_device
-from .procedures import Denoiser, FastPlan, ProcResult, ReferenceParams, classify_fast, classify_reference
+from .procedures import (
+    Denoiser,
+    FastPlan,
+    ProcResult,
+    ReferenceParams,
+    centre_weights,
+    classify_fast,
+    classify_reference,
+)
 
 __all__ = ["DEFAULT_MODEL_DIR", "PRECISIONS", "DiffusionClassifier", "Scores"]
 
@@ -48,6 +56,8 @@ class Scores:
     anomaly_gap: np.ndarray | None = None  # (N,) calibrated top-2 gap anomaly (None: not calibrated)
     anomaly_feature: np.ndarray | None = None  # (N,) calibrated feature-distance anomaly (None: no bank)
     feature_distance: np.ndarray | None = None  # (N,) raw k-NN cosine distance in UNet features
+    anomaly_probe_gap: np.ndarray | None = None  # (N,) calibrated paired probe gap anomaly (None: no runner-up)
+    probe_gap: np.ndarray | None = None  # (N,) raw paired probe gap (high = confident)
 
 
 class DiffusionClassifier:
@@ -156,27 +166,50 @@ class DiffusionClassifier:
         return self.features_with(self.feature_bank.probe, x0, cond)
 
     def features_with(self, probe: FeatureProbe, x0: Any, cond: np.ndarray) -> np.ndarray:
-        """Pooled UNet features for any ``probe`` (see :func:`.features.extract_features`)."""
-        feats = extract_features(self.unet, self.denoiser.acp, x0, cond, probe, bf16=self.bf16)
-        self.denoiser.evaluations += len(cond) * len(probe.timesteps)
-        return feats
+        """Pooled UNet features for any ``probe`` (see :func:`.features.probe_cells`)."""
+        return self.probe_with(probe, x0, cond).features
+
+    def probe_with(
+        self, probe: FeatureProbe, x0: Any, cond: np.ndarray, runner_up: np.ndarray | None = None
+    ) -> ProbeResult:
+        """Features and, with ``runner_up`` classes, paired gaps for any ``probe`` (:func:`.features.probe_cells`)."""
+        sigma = self.denoiser.centre_sigma
+        weight = centre_weights(x0.shape[-2], x0.shape[-1], sigma) if sigma > 0 else None
+        res = probe_cells(
+            self.unet, self.denoiser.acp, x0, cond, probe, runner_up=runner_up, weight=weight, bf16=self.bf16
+        )
+        self.denoiser.evaluations += len(cond) * len(probe.timesteps) * (1 if runner_up is None else 2)
+        return res
+
+    def probe(self, x0: Any, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray | None, int]:
+        """The feature bank's probe on classified cells: k-NN feature distances (N,), paired gaps (N,) when
+        the probe runs the runner-up class (else None), and the UNet evaluations it took per cell."""
+        if self.feature_bank is None:
+            raise ModelError(f"{self.model_dir} has no feature bank (calibrate with --feature-bank)")
+        probe = self.feature_bank.probe
+        order = np.argsort(scores, axis=1, kind="stable")
+        runner_up = order[:, 1] if probe.runner_up and scores.shape[1] > 1 else None
+        res = self.probe_with(probe, x0, order[:, 0], runner_up)
+        per_cell = len(probe.timesteps) * (1 if runner_up is None else 2)
+        return self.feature_bank.distance(res.features), res.pair_gap, per_cell
 
     def score(self, crops: np.ndarray, procedure: Procedure = "fast", chunk: int = 128) -> Scores:
         """Classify crops and return every per-cell quantity as arrays.
 
         With a feature bank, each cell also gets one UNet evaluation per probe level, conditioned on
-        its predicted class, for the feature-distance anomaly score (counted in ``evaluations``).
+        its predicted class, for the feature-distance anomaly score, and one more per level for the
+        runner-up class when the probe measures the paired gap (counted in ``evaluations``).
         """
         t0 = time.perf_counter()
         x0 = self.prepare(crops)
         parts = [self.run(x0[i : i + chunk], procedure) for i in range(0, x0.shape[0], chunk)]
         scores = np.concatenate([p.scores for p in parts]) if parts else np.zeros((0, len(self.classes)))
         evals = np.concatenate([p.evaluations for p in parts]) if parts else np.zeros(0, dtype=np.int64)
-        distance = None
+        distance = pair_gap = None
         if self.feature_bank is not None and len(scores):
-            distance = self.feature_bank.distance(self.features(x0, scores.argmin(axis=1)))
-            evals = evals + len(self.feature_bank.probe.timesteps)
-        return self.finish(scores, evals, procedure, time.perf_counter() - t0, distance)
+            distance, pair_gap, per_cell = self.probe(x0, scores)
+            evals = evals + per_cell
+        return self.finish(scores, evals, procedure, time.perf_counter() - t0, distance, pair_gap)
 
     def finish(
         self,
@@ -185,8 +218,10 @@ class DiffusionClassifier:
         procedure: Procedure,
         seconds: float = 0.0,
         feature_distance: np.ndarray | None = None,
+        probe_gap: np.ndarray | None = None,
     ) -> Scores:
-        """Probabilities, uncertainty and anomaly scores from per-class scores (and feature distances)."""
+        """Probabilities, uncertainty and anomaly scores from per-class scores (and the probe's feature
+        distances and paired gaps)."""
         c = len(self.classes)
         probs = softmax_neg(scores, self.temperature(procedure)) if len(scores) else np.zeros((0, c))
         srt = np.sort(probs, axis=1)
@@ -194,7 +229,7 @@ class DiffusionClassifier:
         ent = -(probs * np.log(np.clip(probs, 1e-12, None))).sum(axis=1)
         unc = np.clip(ent / math.log(c), 0.0, 1.0) if c > 1 else np.zeros(len(probs))
         cal = self._anomaly_cal(procedure)
-        anom_rel = anom_gap = anom_feat = None
+        anom_rel = anom_gap = anom_feat = anom_pgap = None
         if c < 2 or len(scores) == 0:
             rel = np.zeros(len(scores))
             anom = np.zeros(len(scores))
@@ -207,7 +242,9 @@ class DiffusionClassifier:
                 anom_gap = cal.gap_anomaly(scores) if cal.gap_ref else None
                 if feature_distance is not None and cal.feature_ref:
                     anom_feat = cal.feature_anomaly(feature_distance)
-                anom = cal.combined_anomaly(scores, feature_distance)
+                if probe_gap is not None and cal.probe_gap_ref:
+                    anom_pgap = cal.probe_gap_anomaly(probe_gap)
+                anom = cal.combined_anomaly(scores, feature_distance, probe_gap)
             else:  # uncalibrated: squash the relative score by the typical best error
                 scale = np.maximum(scores.min(axis=1), 1e-12)
                 anom = 1.0 / (1.0 + np.maximum(rel, 0) / (0.05 * scale))
@@ -227,6 +264,8 @@ class DiffusionClassifier:
             anom_gap,
             anom_feat,
             feature_distance,
+            anom_pgap,
+            probe_gap,
         )
 
     def classify(self, crops: np.ndarray, cell_ids: list[str], procedure: Procedure = "fast") -> list[CellCall]:

@@ -122,6 +122,38 @@ def calibrate(
     clf.feature_bank = None
     if bank_cells is not None or combine:
         _fit_anomaly_scores(clf, cal, x0, y, bank_cells, probe, combine, write)
+    return _finish_calibration(clf, cal, write)
+
+
+def refit_anomaly(
+    clf: DiffusionClassifier,
+    cells: CropSet,
+    *,
+    bank_cells: CropSet | None = None,
+    probe: FeatureProbe | None = None,
+    combine: tuple[str, ...] = (),
+    write: bool = True,
+    info: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Refit only the anomaly scoring of a calibrated ``clf`` (feature bank, probe, combined score) on
+    normal ``cells``, keeping its fast plan, temperatures and error weighting: a new anomaly design
+    then changes no classification. Arguments as :func:`calibrate`."""
+    cal = clf.calibration
+    if cal is None:
+        raise ValueError(f"{clf.model_dir} is not calibrated yet: run a full calibration first")
+    y = cells.label_indices(clf.classes)
+    if (y < 0).any():
+        unknown = sorted({lab for lab, k in zip(cells.labels, y, strict=True) if k < 0})
+        raise ValueError(f"calibration cells have labels the model does not know: {unknown}")
+    clf.feature_bank = None
+    cal.feature_probe = None
+    cal.info.pop("feature_bank", None)
+    cal.info.update(info or {})
+    _fit_anomaly_scores(clf, cal, clf.prepare(cells.images), y, bank_cells, probe, combine, write)
+    return _finish_calibration(clf, cal, write)
+
+
+def _finish_calibration(clf: DiffusionClassifier, cal: Calibration, write: bool) -> dict[str, Any]:
     stale = clf.model_dir / FEATURE_BANK
     if write and clf.feature_bank is None and stale.is_file():
         stale.unlink()  # a bank from an earlier calibration would no longer match this one
@@ -159,9 +191,12 @@ def _fit_anomaly_scores(
         if write:
             bank.save(clf.model_dir / FEATURE_BANK)
     fast = clf.run(x0, "fast").scores
+    pair_gap = None
     if clf.feature_bank is not None:
-        distance = clf.feature_bank.distance(clf.features(x0, fast.argmin(axis=1)))
-    cal.fast_anomaly = AnomalyCalibration.fit(fast, y, feature_distance=distance, combine=combine)
+        distance, pair_gap, _ = clf.probe(x0, fast)
+    if "probe_gap" in combine and pair_gap is None:
+        raise ValueError("combining probe_gap needs a feature bank whose probe runs the runner-up class")
+    cal.fast_anomaly = AnomalyCalibration.fit(fast, y, feature_distance=distance, combine=combine, probe_gap=pair_gap)
     cal.info["anomaly_combine"] = list(combine)
     if bank_cells is not None and cal.feature_probe is not None:
         cal.info["feature_bank"] = {"n_cells": len(bank_cells), "probe": cal.feature_probe.to_json()}
@@ -214,7 +249,7 @@ def metrics_report(
             "absolute": auroc(s.anomaly_absolute[use], pos),
             "entropy": auroc(s.uncertainty[use], pos),
         }
-        for name, extra in (("gap", s.anomaly_gap), ("feature", s.anomaly_feature)):
+        for name, extra in (("gap", s.anomaly_gap), ("feature", s.anomaly_feature), ("probe_gap", s.anomaly_probe_gap)):
             if extra is not None:
                 rep["anomaly_auroc"][name] = auroc(extra[use], pos)
         rep["anomaly_classes"] = anomaly_classes

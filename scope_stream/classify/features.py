@@ -1,15 +1,21 @@
-"""The feature anomaly score: how far a cell lies from the training cells in the diffusion UNet's own features.
+"""The probe scores: a second look at each classified cell through the diffusion UNet.
 
 The denoising-error scores say how well each *known* class explains a cell; a cell between classes
 (an immature granulocyte between a band neutrophil and a monocyte) can still be explained well by
-one of them. So we also ask how unlike the training cells the cell *looks* to the network: the UNet
-is run on the noised cell (conditioned on its predicted class) at a few (timestep, noise) pairs, one
-layer's activations are pooled (mean and standard deviation per channel) and averaged over the
-pairs, and the score is the cosine distance to the k-th nearest of a bank of training cells
-(deep k-nearest-neighbour out-of-distribution detection, Sun et al., ICML 2022).
+one of them. So after classification each cell is noised at a few (timestep, noise) pairs and run
+through the UNet again, conditioned on its predicted class:
 
-* :class:`FeatureProbe` -- which layer, which (timestep, noise) pairs, which k.
-* :func:`extract_features` -- the pooled features ``(N, D)``; one UNet evaluation per cell and pair.
+* **feature distance** -- one layer's activations are pooled (mean and standard deviation per channel)
+  and averaged over the pairs; the score is the cosine distance to the k-th nearest of a bank of
+  training cells (deep k-nearest-neighbour out-of-distribution detection, Sun et al., ICML 2022):
+  how unlike the training cells the cell *looks* to the network.
+* **paired gap** (``runner_up=True``, one more evaluation per pair) -- the runner-up class denoises the
+  same noised cells; ``(e_runner_up - e_predicted) / e_predicted`` over the pairs is a second top-2
+  gap at the probe's (informative, middle) timesteps, paired by sharing every noise. The fast plan's
+  own gap rests on whatever levels decided the class; this one always has all the probe's levels.
+
+* :class:`FeatureProbe` -- which layer, which (timestep, noise) pairs, which k, whether the runner-up runs.
+* :func:`probe_cells` -- features ``(N, D)`` and paired gaps ``(N,)``; :func:`extract_features` the features.
 * :class:`FeatureBank` -- the standardised, unit-length training features; :meth:`FeatureBank.distance`
   scores cells (higher = more unlike the training cells). Saved as ``feature_bank.safetensors``
   next to the model.
@@ -28,7 +34,15 @@ from .procedures import level_noises
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["FEATURE_BANK", "FeatureBank", "FeatureProbe", "extract_features", "layer_module"]
+__all__ = [
+    "FEATURE_BANK",
+    "FeatureBank",
+    "FeatureProbe",
+    "ProbeResult",
+    "extract_features",
+    "layer_module",
+    "probe_cells",
+]
 
 FEATURE_BANK = "feature_bank.safetensors"
 
@@ -36,12 +50,14 @@ FEATURE_BANK = "feature_bank.safetensors"
 @dataclass
 class FeatureProbe:
     """Where the features come from: ``layer`` (``mid``, ``upN`` or ``downN`` of the diffusers UNet),
-    the (timestep, noise seed) pairs they are averaged over, and ``k`` of the k-nearest-neighbour distance."""
+    the (timestep, noise seed) pairs they are averaged over, and ``k`` of the k-nearest-neighbour distance;
+    ``runner_up``: also denoise with the runner-up class at the same pairs (the paired gap)."""
 
     layer: str = "up0"
     timesteps: list[int] = field(default_factory=lambda: [400, 400, 400, 400])
     noise_seeds: list[int] = field(default_factory=lambda: [801, 802, 803, 804])
     k: int = 20
+    runner_up: bool = False
 
     def __post_init__(self) -> None:
         if not self.timesteps or len(self.timesteps) != len(self.noise_seeds):
@@ -60,7 +76,13 @@ class FeatureProbe:
             timesteps=[int(t) for t in d["timesteps"]],
             noise_seeds=[int(s) for s in d["noise_seeds"]],
             k=int(d["k"]),
+            runner_up=bool(d.get("runner_up", False)),
         )
+
+    @property
+    def evaluations(self) -> int:
+        """UNet evaluations per cell."""
+        return len(self.timesteps) * (2 if self.runner_up else 1)
 
 
 def _parse_layer(layer: str) -> tuple[str, int]:
@@ -83,6 +105,86 @@ def layer_module(unet: Any, layer: str) -> Any:
     return blocks[i]
 
 
+@dataclass
+class ProbeResult:
+    """What :func:`probe_cells` measures per cell."""
+
+    features: np.ndarray  # (N, D) pooled features, averaged over the probe's pairs
+    pair_gap: np.ndarray | None  # (N,) (e_runner_up - e_predicted) / e_predicted; None without a runner-up
+
+
+def probe_cells(
+    unet: Any,
+    acp: torch.Tensor,
+    x0: torch.Tensor,
+    cond: np.ndarray,
+    probe: FeatureProbe,
+    *,
+    runner_up: np.ndarray | None = None,
+    weight: torch.Tensor | None = None,
+    max_batch: int = 256,
+    bf16: bool = False,
+) -> ProbeResult:
+    """Run the probe on cells ``x0`` conditioned on classes ``cond``: pooled activations of ``probe.layer``
+    (``(N, 2 * channels)`` float32, channel means then stds) and, with ``runner_up`` classes, the paired gap
+    of their denoising errors (``weight``: the error's pixel weights, as the classifier's ``Denoiser``)."""
+    import torch
+
+    n = x0.shape[0]
+    if len(cond) != n or (runner_up is not None and len(runner_up) != n):
+        raise ValueError(f"got {n} cells but {len(cond)} class conditions")
+    captured: list[torch.Tensor] = []
+
+    def grab(_m: Any, _i: Any, out: Any) -> None:
+        h = (out[0] if isinstance(out, tuple) else out).float()
+        captured.append(torch.cat([h.mean(dim=(2, 3)), h.std(dim=(2, 3))], dim=1))
+
+    device = x0.device
+    dev_type = "cuda" if device.type == "cuda" else "cpu"
+    noise = level_noises(probe.noise_seeds, tuple(x0.shape[1:])).to(device)
+    acp = acp.to(device)
+    w = weight.to(device) if weight is not None else None
+    total: torch.Tensor | None = None
+    errs = np.zeros((2, n), dtype=np.float64)
+
+    def denoise(xt: torch.Tensor, tt: torch.Tensor, classes: np.ndarray, eps: torch.Tensor) -> np.ndarray:
+        labels = torch.as_tensor(np.asarray(classes), device=device, dtype=torch.long)
+        with torch.autocast(device_type=dev_type, dtype=torch.bfloat16, enabled=bf16):
+            pred = unet(xt, tt, class_labels=labels).sample
+        sq = (pred.float() - eps).pow(2)
+        return np.asarray((sq if w is None else sq * w).mean(dim=(1, 2, 3)).double().cpu().numpy())
+
+    handle = layer_module(unet, probe.layer).register_forward_hook(grab)
+    try:
+        with torch.inference_mode():
+            for j, t in enumerate(probe.timesteps):
+                parts = []
+                for s in range(0, n, max_batch):
+                    sl = slice(s, min(n, s + max_batch))
+                    xb = x0[sl]
+                    a = acp[int(t)]
+                    xt = a.sqrt() * xb + (1 - a).sqrt() * noise[j]
+                    tt = torch.full((len(xb),), int(t), device=device, dtype=torch.long)
+                    captured.clear()
+                    errs[0, sl] += denoise(xt, tt, cond[sl], noise[j])
+                    parts.append(captured[-1])
+                    if runner_up is not None:
+                        errs[1, sl] += denoise(xt, tt, runner_up[sl], noise[j])
+                f = torch.cat(parts) if parts else torch.zeros(0, 1, device=device)
+                total = f if total is None else total + f
+    finally:
+        handle.remove()
+    if total is None:
+        return ProbeResult(np.zeros((n, 0), dtype=np.float32), None)
+    out = (total / len(probe.timesteps)).cpu().numpy().astype(np.float32)
+    if not np.isfinite(out).all() or not np.isfinite(errs).all():
+        raise FloatingPointError("the model produced non-finite features (NaN in input or weights?)")
+    gap = None
+    if runner_up is not None:
+        gap = (errs[1] - errs[0]) / np.maximum(errs[0], 1e-12)
+    return ProbeResult(out, gap)
+
+
 def extract_features(
     unet: Any,
     acp: torch.Tensor,
@@ -95,47 +197,7 @@ def extract_features(
 ) -> np.ndarray:
     """Pooled activations of ``probe.layer`` for cells ``x0`` conditioned on classes ``cond``, averaged
     over the probe's (timestep, noise) pairs: ``(N, 2 * channels)`` float32 (channel means, then stds)."""
-    import torch
-
-    n = x0.shape[0]
-    if len(cond) != n:
-        raise ValueError(f"got {n} cells but {len(cond)} class conditions")
-    captured: list[torch.Tensor] = []
-
-    def grab(_m: Any, _i: Any, out: Any) -> None:
-        h = (out[0] if isinstance(out, tuple) else out).float()
-        captured.append(torch.cat([h.mean(dim=(2, 3)), h.std(dim=(2, 3))], dim=1))
-
-    handle = layer_module(unet, probe.layer).register_forward_hook(grab)
-    device = x0.device
-    dev_type = "cuda" if device.type == "cuda" else "cpu"
-    noise = level_noises(probe.noise_seeds, tuple(x0.shape[1:])).to(device)
-    acp = acp.to(device)
-    total: torch.Tensor | None = None
-    try:
-        with torch.inference_mode():
-            for j, t in enumerate(probe.timesteps):
-                parts = []
-                for s in range(0, n, max_batch):
-                    xb = x0[s : s + max_batch]
-                    a = acp[int(t)]
-                    xt = a.sqrt() * xb + (1 - a).sqrt() * noise[j]
-                    tt = torch.full((len(xb),), int(t), device=device, dtype=torch.long)
-                    labels = torch.as_tensor(np.asarray(cond[s : s + max_batch]), device=device, dtype=torch.long)
-                    captured.clear()
-                    with torch.autocast(device_type=dev_type, dtype=torch.bfloat16, enabled=bf16):
-                        unet(xt, tt, class_labels=labels)
-                    parts.append(captured[-1])
-                f = torch.cat(parts) if parts else torch.zeros(0, 1, device=device)
-                total = f if total is None else total + f
-    finally:
-        handle.remove()
-    if total is None:
-        return np.zeros((n, 0), dtype=np.float32)
-    out = (total / len(probe.timesteps)).cpu().numpy().astype(np.float32)
-    if not np.isfinite(out).all():
-        raise FloatingPointError("the model produced non-finite features (NaN in input or weights?)")
-    return out
+    return probe_cells(unet, acp, x0, cond, probe, max_batch=max_batch, bf16=bf16).features
 
 
 @dataclass

@@ -79,15 +79,30 @@ def calibrate(
     feature_layer: Annotated[str, typer.Option(help="UNet block the features come from: mid, upN or downN.")] = "up0",
     feature_timesteps: Annotated[
         str, typer.Option(help="Comma-separated timesteps the features are averaged over (one noise each).")
-    ] = "400,400,400,400",
+    ] = "250,250,250,250",
     feature_k: Annotated[int, typer.Option(help="The k of the k-nearest-neighbour distance.", min=1)] = 20,
+    runner_up: Annotated[
+        bool,
+        typer.Option(
+            help="The probe also denoises with the runner-up class at its timesteps (one more evaluation "
+            "each): the paired probe_gap score."
+        ),
+    ] = True,
     combine: Annotated[
         str,
         typer.Option(
             help="Anomaly scores the flagging score joins (Fisher's method), comma-separated: relative "
-            "(CytoDiffusion's), gap (top-2), feature (needs a feature bank). Empty: the relative score alone."
+            "(CytoDiffusion's), gap (top-2), feature (needs a feature bank), probe_gap (needs a feature bank "
+            "and --runner-up). Empty: the relative score alone."
         ),
-    ] = "gap,feature",
+    ] = "gap,probe_gap,feature",
+    anomaly_only: Annotated[
+        bool,
+        typer.Option(
+            help="Refit only the anomaly scoring (feature bank, probe, combined score) of an already calibrated "
+            "model: its fast plan and temperatures stay, so no classification changes."
+        ),
+    ] = False,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     precision: Annotated[str, typer.Option(help=PRECISION_HELP)] = "auto",
 ) -> None:
@@ -97,7 +112,7 @@ def calibrate(
     from scope_stream.classify.anomaly import COMPONENTS
     from scope_stream.classify.classifier import DiffusionClassifier
     from scope_stream.classify.evaluate import calibrate as do_calibrate
-    from scope_stream.classify.evaluate import holdout_set, training_set
+    from scope_stream.classify.evaluate import holdout_set, refit_anomaly, training_set
     from scope_stream.classify.features import FeatureProbe, layer_module
     from scope_stream.classify.model import ModelError
 
@@ -105,31 +120,40 @@ def calibrate(
     bad = [c for c in parts if c not in COMPONENTS]
     if bad:
         raise fail(f"--combine: unknown anomaly score(s) {bad}; choose from {', '.join(COMPONENTS)}")
-    if "feature" in parts and feature_bank == 0:
-        raise fail("--combine feature needs a feature bank (--feature-bank > 0)")
+    if ("feature" in parts or "probe_gap" in parts) and feature_bank == 0:
+        raise fail("--combine feature and probe_gap need a feature bank (--feature-bank > 0)")
+    if "probe_gap" in parts and not runner_up:
+        raise fail("--combine probe_gap needs --runner-up (the probe must run the runner-up class)")
     try:
         ts = [int(t) for t in _parse_list(feature_timesteps)]
-        probe = FeatureProbe(feature_layer, ts, [801 + i for i in range(len(ts))], feature_k)
+        probe = FeatureProbe(feature_layer, ts, [801 + i for i in range(len(ts))], feature_k, runner_up)
         clf = DiffusionClassifier.load(model, device, precision)
         layer_module(clf.unet, feature_layer)
+        if anomaly_only and clf.calibration is None:
+            raise ValueError(f"--anomaly-only: {model} is not calibrated yet (run without --anomaly-only first)")
         cells = holdout_set(run, clf.image_size, per_class)
         bank = training_set(run, clf.image_size, clf.classes, feature_bank) if feature_bank else None
     except (ModelError, FileNotFoundError, ValueError) as exc:
         raise fail(str(exc)) from exc
-    out = do_calibrate(
-        clf,
-        cells,
-        noises_per_timestep=noises,
-        false_flag_rate=false_flag_rate,
-        centre_sigma=centre_sigma,
-        bank_cells=bank,
-        probe=probe,
-        combine=parts,
-        info={
-            "fitted_on": f"{len(cells)} cells held out of the training split ({run}/holdout.json)",
-            "per_class": per_class,
-        },
-    )
+    info = {
+        "fitted_on": f"{len(cells)} cells held out of the training split ({run}/holdout.json)",
+        "per_class": per_class,
+    }
+    if anomaly_only:
+        info = {"anomaly_refit_on": info["fitted_on"], "anomaly_per_class": per_class}
+        out = refit_anomaly(clf, cells, bank_cells=bank, probe=probe, combine=parts, info=info)
+    else:
+        out = do_calibrate(
+            clf,
+            cells,
+            noises_per_timestep=noises,
+            false_flag_rate=false_flag_rate,
+            centre_sigma=centre_sigma,
+            bank_cells=bank,
+            probe=probe,
+            combine=parts,
+            info=info,
+        )
     typer.echo(
         json.dumps(
             {
