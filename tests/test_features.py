@@ -56,12 +56,16 @@ def test_feature_bank_and_probe_errors() -> None:
         FeatureProbe(timesteps=[400, 300], noise_seeds=[1])
 
 
+def _normal_cells(n: int, seed: int) -> tuple[np.random.Generator, np.ndarray]:
+    """Class scores of ``n`` normal cells: class 0 clearly best, top-2 gaps between 0.5 and 1."""
+    rng = np.random.default_rng(seed)
+    return rng, np.c_[np.full(n, 1.0), 1.5 + rng.uniform(0, 0.5, n), 2.0 + rng.uniform(0, 0.5, n)]
+
+
 def test_combined_anomaly_is_calibrated_on_normal_cells_and_ranks_the_odd_cell_first() -> None:
-    rng = np.random.default_rng(0)
     n = 200
-    # normal cells: class 0 clearly best; their feature distances small
-    scores = np.c_[np.full(n, 1.0), 1.5 + rng.uniform(0, 0.5, n), 2.0 + rng.uniform(0, 0.5, n)]
-    dist = rng.uniform(0.1, 0.3, n)
+    rng, scores = _normal_cells(n, 0)
+    dist = rng.uniform(0.1, 0.3, n)  # normal cells' feature distances are small
     cal = AnomalyCalibration.fit(scores, np.zeros(n, dtype=int), feature_distance=dist, combine=("gap", "feature"))
     assert top2_gap(np.array([[1.0, 1.5, 3.0]]))[0] == pytest.approx(0.5)
     on_normal = cal.combined_anomaly(scores, dist)
@@ -195,9 +199,8 @@ def test_probe_gap_pairs_the_runner_up_with_the_predicted_class_on_the_same_nois
 
 
 def test_the_probe_gap_joins_the_combined_score() -> None:
-    rng = np.random.default_rng(1)
     n = 200
-    scores = np.c_[np.full(n, 1.0), 1.5 + rng.uniform(0, 0.5, n), 2.0 + rng.uniform(0, 0.5, n)]
+    rng, scores = _normal_cells(n, 1)
     pgap = rng.uniform(0.3, 0.6, n)
     cal = AnomalyCalibration.fit(scores, np.zeros(n, dtype=int), probe_gap=pgap, combine=("gap", "probe_gap"))
     assert len(cal.probe_gap_ref) == n
