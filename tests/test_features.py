@@ -192,7 +192,9 @@ def test_probe_gap_pairs_the_runner_up_with_the_predicted_class_on_the_same_nois
     # the runner-up's pass does not leak into the features, which stay those of the predicted class
     alone = clf.features_with(probe, x0, pred)
     np.testing.assert_allclose(res.features, alone, rtol=1e-5, atol=1e-6)
-    assert FeatureProbe.from_json(probe.to_json()).runner_up and probe.evaluations == 4
+    assert FeatureProbe.from_json(probe.to_json()).runner_up
+    with pytest.raises(ValueError, match="6 cells but 5 runner-up classes"):
+        clf.probe_with(probe, x0, pred, other[:5])
     assert not FeatureProbe.from_json({**probe.to_json(), "runner_up": False}).runner_up
     legacy = {k: v for k, v in probe.to_json().items() if k != "runner_up"}  # written before the field existed
     assert FeatureProbe.from_json(legacy).runner_up is False

@@ -79,11 +79,6 @@ class FeatureProbe:
             runner_up=bool(d.get("runner_up", False)),
         )
 
-    @property
-    def evaluations(self) -> int:
-        """UNet evaluations per cell."""
-        return len(self.timesteps) * (2 if self.runner_up else 1)
-
 
 def _parse_layer(layer: str) -> tuple[str, int]:
     if layer == "mid":
@@ -131,8 +126,10 @@ def probe_cells(
     import torch
 
     n = x0.shape[0]
-    if len(cond) != n or (runner_up is not None and len(runner_up) != n):
+    if len(cond) != n:
         raise ValueError(f"got {n} cells but {len(cond)} class conditions")
+    if runner_up is not None and len(runner_up) != n:
+        raise ValueError(f"got {n} cells but {len(runner_up)} runner-up classes")
     captured: list[torch.Tensor] = []
 
     def grab(_m: Any, _i: Any, out: Any) -> None:
