@@ -256,6 +256,19 @@ def test_refitting_the_anomaly_score_keeps_every_classification(tiny: Path, tmp_
     plan_only = again.run(again.prepare(x), "fast").evaluations
     assert (s.evaluations == plan_only + 4).all()  # two probe levels, predicted and runner-up class
 
+    # an impossible design is refused before anything is written, and the model keeps its scoring
+    files = {name: (model / name).read_bytes() for name in ("calibration.json", FEATURE_BANK)}
+    with pytest.raises(ValueError, match="runner-up class"):
+        refit_anomaly(
+            again,
+            holdout_set(run, clf.image_size),
+            bank_cells=training_set(run, clf.image_size, clf.classes, limit_per_class=12),
+            probe=FeatureProbe(layer="up0", timesteps=[250], noise_seeds=[1], k=3),
+            combine=("gap", "probe_gap"),
+        )
+    assert files == {name: (model / name).read_bytes() for name in files}
+    np.testing.assert_array_equal(again.score(x).anomaly, s.anomaly)
+
     bare = tmp_path / "bare"
     shutil.copytree(tiny, bare)
     (bare / "calibration.json").unlink()

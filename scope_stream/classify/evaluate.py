@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import time
 from pathlib import Path
@@ -121,7 +122,7 @@ def calibrate(
     clf.calibration = cal
     clf.feature_bank = None
     if bank_cells is not None or combine:
-        _fit_anomaly_scores(clf, cal, x0, y, bank_cells, probe, combine, write)
+        _fit_anomaly_scores(clf, cal, x0, y, bank_cells, probe, combine)
     return _finish_calibration(clf, cal, write)
 
 
@@ -145,18 +146,27 @@ def refit_anomaly(
     if (y < 0).any():
         unknown = sorted({lab for lab, k in zip(cells.labels, y, strict=True) if k < 0})
         raise ValueError(f"calibration cells have labels the model does not know: {unknown}")
+    old_bank = clf.feature_bank
+    cal = copy.deepcopy(cal)  # the model keeps its scoring until the new one is complete
     clf.feature_bank = None
     cal.feature_probe = None
     cal.info.pop("feature_bank", None)
     cal.info.update(info or {})
-    _fit_anomaly_scores(clf, cal, clf.prepare(cells.images), y, bank_cells, probe, combine, write)
+    try:
+        _fit_anomaly_scores(clf, cal, clf.prepare(cells.images), y, bank_cells, probe, combine)
+    except BaseException:
+        clf.feature_bank = old_bank
+        raise
+    clf.calibration = cal
     return _finish_calibration(clf, cal, write)
 
 
 def _finish_calibration(clf: DiffusionClassifier, cal: Calibration, write: bool) -> dict[str, Any]:
-    stale = clf.model_dir / FEATURE_BANK
-    if write and clf.feature_bank is None and stale.is_file():
-        stale.unlink()  # a bank from an earlier calibration would no longer match this one
+    bank_path = clf.model_dir / FEATURE_BANK
+    if write and clf.feature_bank is not None:
+        clf.feature_bank.save(bank_path)
+    elif write and bank_path.is_file():
+        bank_path.unlink()  # a bank from an earlier calibration would no longer match this one
     out = cal.to_json()
     if write:
         path = clf.model_dir / CALIBRATION
@@ -174,10 +184,14 @@ def _fit_anomaly_scores(
     bank_cells: CropSet | None,
     probe: FeatureProbe | None,
     combine: tuple[str, ...],
-    write: bool,
 ) -> None:
     """Feature bank and the combined anomaly score, fitted on what the fast procedure really outputs
-    for the calibration cells (their predicted class conditions the features, as in :meth:`score`)."""
+    for the calibration cells (their predicted class conditions the features, as in :meth:`score`).
+    Writes nothing: :func:`_finish_calibration` saves the bank with the calibration."""
+    if ("feature" in combine or "probe_gap" in combine) and bank_cells is None:
+        raise ValueError("combining feature or probe_gap needs feature-bank cells (bank_cells)")
+    if "probe_gap" in combine and not (probe or FeatureProbe()).runner_up:
+        raise ValueError("combining probe_gap needs a probe that runs the runner-up class (runner_up=True)")
     distance = None
     if bank_cells is not None:
         by = bank_cells.label_indices(clf.classes)
@@ -188,14 +202,10 @@ def _fit_anomaly_scores(
         bank = FeatureBank.fit(clf.features_with(probe, xb, by), by, probe)
         clf.feature_bank = bank
         cal.feature_probe = probe
-        if write:
-            bank.save(clf.model_dir / FEATURE_BANK)
     fast = clf.run(x0, "fast").scores
     pair_gap = None
     if clf.feature_bank is not None:
         distance, pair_gap, _ = clf.probe(x0, fast)
-    if "probe_gap" in combine and pair_gap is None:
-        raise ValueError("combining probe_gap needs a feature bank whose probe runs the runner-up class")
     cal.fast_anomaly = AnomalyCalibration.fit(fast, y, feature_distance=distance, combine=combine, probe_gap=pair_gap)
     cal.info["anomaly_combine"] = list(combine)
     if bank_cells is not None and cal.feature_probe is not None:
