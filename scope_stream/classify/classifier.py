@@ -18,15 +18,7 @@ from .calibration import Calibration, softmax_neg
 from .data import check_crops, resize_crops, to_model_input
 from .features import FEATURE_BANK, FeatureBank, FeatureProbe, ProbeResult, probe_cells
 from .model import CALIBRATION, ModelError, alphas_cumprod, load_unet, model_id_of, pick_device
-from .procedures import (
-    Denoiser,
-    FastPlan,
-    ProcResult,
-    ReferenceParams,
-    centre_weights,
-    classify_fast,
-    classify_reference,
-)
+from .procedures import Denoiser, FastPlan, ProcResult, ReferenceParams, classify_fast, classify_reference
 
 __all__ = ["DEFAULT_MODEL_DIR", "PRECISIONS", "DiffusionClassifier", "Scores"]
 
@@ -173,8 +165,7 @@ class DiffusionClassifier:
         self, probe: FeatureProbe, x0: Any, cond: np.ndarray, runner_up: np.ndarray | None = None
     ) -> ProbeResult:
         """Features and, with ``runner_up`` classes, paired gaps for any ``probe`` (:func:`.features.probe_cells`)."""
-        sigma = self.denoiser.centre_sigma
-        weight = centre_weights(x0.shape[-2], x0.shape[-1], sigma) if sigma > 0 else None
+        weight = self.denoiser.error_weight(x0.shape[-2], x0.shape[-1])
         res = probe_cells(
             self.unet, self.denoiser.acp, x0, cond, probe, runner_up=runner_up, weight=weight, bf16=self.bf16
         )

@@ -96,10 +96,7 @@ def calibrate(
     write ``feature_bank.safetensors`` (see :mod:`.features`). ``combine``: the anomaly scores the
     flagging score joins (``relative``, ``gap``, ``feature``; empty: the relative score alone).
     """
-    y = cells.label_indices(clf.classes)
-    if (y < 0).any():
-        unknown = sorted({lab for lab, k in zip(cells.labels, y, strict=True) if k < 0})
-        raise ValueError(f"calibration cells have labels the model does not know: {unknown}")
+    y = _known_labels(cells, clf.classes, "calibration cells")
     ts = [t for t in timesteps if t < clf.spec.num_train_timesteps]
     cand_t = [t for t in ts for _ in range(noises_per_timestep)]
     cand_seed = [1000 + i for i in range(len(cand_t))]
@@ -142,10 +139,7 @@ def refit_anomaly(
     cal = clf.calibration
     if cal is None:
         raise ValueError(f"{clf.model_dir} is not calibrated yet: run a full calibration first")
-    y = cells.label_indices(clf.classes)
-    if (y < 0).any():
-        unknown = sorted({lab for lab, k in zip(cells.labels, y, strict=True) if k < 0})
-        raise ValueError(f"calibration cells have labels the model does not know: {unknown}")
+    y = _known_labels(cells, clf.classes, "calibration cells")
     old_bank = clf.feature_bank
     cal = copy.deepcopy(cal)  # the model keeps its scoring until the new one is complete
     clf.feature_bank = None
@@ -159,6 +153,15 @@ def refit_anomaly(
         raise
     clf.calibration = cal
     return _finish_calibration(clf, cal, write)
+
+
+def _known_labels(cells: CropSet, classes: list[str], what: str) -> np.ndarray:
+    """Class indices of ``cells``; a clear error naming the labels outside ``classes``."""
+    y = cells.label_indices(classes)
+    if (y < 0).any():
+        unknown = sorted({lab for lab, k in zip(cells.labels, y, strict=True) if k < 0})
+        raise ValueError(f"{what} have labels the model does not know: {unknown}")
+    return np.asarray(y)
 
 
 def _finish_calibration(clf: DiffusionClassifier, cal: Calibration, write: bool) -> dict[str, Any]:
@@ -194,9 +197,7 @@ def _fit_anomaly_scores(
         raise ValueError("combining probe_gap needs a probe that runs the runner-up class (runner_up=True)")
     distance = None
     if bank_cells is not None:
-        by = bank_cells.label_indices(clf.classes)
-        if (by < 0).any():
-            raise ValueError("feature-bank cells have labels the model does not know")
+        by = _known_labels(bank_cells, clf.classes, "feature-bank cells")
         probe = probe or FeatureProbe()
         xb = clf.prepare(bank_cells.images)
         bank = FeatureBank.fit(clf.features_with(probe, xb, by), by, probe)

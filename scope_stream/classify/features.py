@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .procedures import level_noises
+from .procedures import level_noises, weighted_error
 
 if TYPE_CHECKING:
     import torch
@@ -122,7 +122,7 @@ def probe_cells(
 ) -> ProbeResult:
     """Run the probe on cells ``x0`` conditioned on classes ``cond``: pooled activations of ``probe.layer``
     (``(N, 2 * channels)`` float32, channel means then stds) and, with ``runner_up`` classes, the paired gap
-    of their denoising errors (``weight``: the error's pixel weights, as the classifier's ``Denoiser``)."""
+    of their denoising errors (``weight``: the error's pixel weights, :meth:`.Denoiser.error_weight`)."""
     import torch
 
     n = x0.shape[0]
@@ -148,8 +148,7 @@ def probe_cells(
         labels = torch.as_tensor(np.asarray(classes), device=device, dtype=torch.long)
         with torch.autocast(device_type=dev_type, dtype=torch.bfloat16, enabled=bf16):
             pred = unet(xt, tt, class_labels=labels).sample
-        sq = (pred.float() - eps).pow(2)
-        return np.asarray((sq if w is None else sq * w).mean(dim=(1, 2, 3)).double().cpu().numpy())
+        return np.asarray(weighted_error(pred, eps, w).double().cpu().numpy())
 
     handle = layer_module(unet, probe.layer).register_forward_hook(grab)
     try:

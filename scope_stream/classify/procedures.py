@@ -36,6 +36,7 @@ __all__ = [
     "classify_reference",
     "collect_errors",
     "level_noises",
+    "weighted_error",
 ]
 
 
@@ -125,6 +126,13 @@ def centre_weights(height: int, width: int, sigma_frac: float) -> torch.Tensor:
     return w / w.mean()
 
 
+def weighted_error(pred: torch.Tensor, eps: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+    """The denoising error per cell ``(B,)``: ``mean(w * (eps - pred)**2)`` over channels and pixels
+    (``weight``: ``(H, W)`` pixel weights, or None for the plain mean)."""
+    sq = (pred.float() - eps).pow(2)
+    return (sq if weight is None else sq * weight).mean(dim=(1, 2, 3))
+
+
 class Denoiser:
     """Batched denoising errors ``mean(w * (eps - eps_theta(x_t, t, c))**2)`` for (cell, class, level) triples.
 
@@ -161,6 +169,12 @@ class Denoiser:
             raise ValueError(f"centre_sigma must be >= 0 (a fraction of the crop side), got {value}")
         self._centre_sigma = float(value)
 
+    def error_weight(self, height: int, width: int) -> torch.Tensor | None:
+        """The pixel weights of the error for ``height x width`` inputs, on the device (None: the plain mean)."""
+        if self.centre_sigma <= 0:
+            return None
+        return centre_weights(height, width, self.centre_sigma).to(self.device)
+
     def errors(
         self,
         x0: torch.Tensor,
@@ -176,9 +190,7 @@ class Denoiser:
         m = len(cell)
         out = np.empty(m, dtype=np.float64)
         dev_type = "cuda" if str(self.device).startswith("cuda") else "cpu"
-        weight = None
-        if self.centre_sigma > 0:
-            weight = centre_weights(x0.shape[-2], x0.shape[-1], self.centre_sigma).to(self.device)
+        weight = self.error_weight(x0.shape[-2], x0.shape[-1])
         with torch.inference_mode():
             for s in range(0, m, self.max_batch):
                 sl = slice(s, min(m, s + self.max_batch))
@@ -190,9 +202,7 @@ class Denoiser:
                 labels = torch.as_tensor(cls[sl], device=self.device, dtype=torch.long)
                 with torch.autocast(device_type=dev_type, dtype=torch.bfloat16, enabled=self.bf16):
                     pred = self.unet(xt, tt, class_labels=labels).sample
-                sq = (pred.float() - eps).pow(2)
-                err = (sq if weight is None else sq * weight).mean(dim=(1, 2, 3))
-                out[sl] = err.double().cpu().numpy()
+                out[sl] = weighted_error(pred, eps, weight).double().cpu().numpy()
                 self.forward_passes += 1
         self.evaluations += m
         if not np.isfinite(out).all():
