@@ -119,7 +119,9 @@ class AnomalyCalibration:
         ab = np.sort(absolute_score(s, mean, std))
         out = cls(rel.tolist(), mean.tolist(), std.tolist(), ab.tolist(), k, np.sort(top2_gap(s)).tolist())
         for name, values in (("feature distances", feature_distance), ("probe gaps", probe_gap)):
-            v = np.asarray(values if values is not None else np.zeros(len(s)), dtype=np.float64)
+            if values is None:
+                continue
+            v = np.asarray(values, dtype=np.float64)
             if v.shape != (len(s),) or not np.isfinite(v).all():
                 raise ValueError(f"{name} must be {len(s)} finite values, got shape {v.shape}")
         if feature_distance is not None:

@@ -151,12 +151,6 @@ class DiffusionClassifier:
             )
         raise ValueError(f"procedure must be 'fast' or 'reference', got {procedure!r}")
 
-    def features(self, x0: Any, cond: np.ndarray) -> np.ndarray:
-        """Pooled UNet features of prepared cells ``x0`` conditioned on classes ``cond`` (the bank's probe)."""
-        if self.feature_bank is None:
-            raise ModelError(f"{self.model_dir} has no feature bank (calibrate with --feature-bank)")
-        return self.features_with(self.feature_bank.probe, x0, cond)
-
     def features_with(self, probe: FeatureProbe, x0: Any, cond: np.ndarray) -> np.ndarray:
         """Pooled UNet features for any ``probe`` (see :func:`.features.probe_cells`)."""
         return self.probe_with(probe, x0, cond).features
@@ -169,7 +163,7 @@ class DiffusionClassifier:
         res = probe_cells(
             self.unet, self.denoiser.acp, x0, cond, probe, runner_up=runner_up, weight=weight, bf16=self.bf16
         )
-        self.denoiser.evaluations += len(cond) * len(probe.timesteps) * (1 if runner_up is None else 2)
+        self.denoiser.evaluations += len(cond) * res.evaluations_per_cell
         return res
 
     def probe(self, x0: Any, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray | None, int]:
@@ -181,8 +175,7 @@ class DiffusionClassifier:
         order = np.argsort(scores, axis=1, kind="stable")
         runner_up = order[:, 1] if probe.runner_up and scores.shape[1] > 1 else None
         res = self.probe_with(probe, x0, order[:, 0], runner_up)
-        per_cell = len(probe.timesteps) * (1 if runner_up is None else 2)
-        return self.feature_bank.distance(res.features), res.pair_gap, per_cell
+        return self.feature_bank.distance(res.features), res.pair_gap, res.evaluations_per_cell
 
     def score(self, crops: np.ndarray, procedure: Procedure = "fast", chunk: int = 128) -> Scores:
         """Classify crops and return every per-cell quantity as arrays.

@@ -15,7 +15,7 @@ through the UNet again, conditioned on its predicted class:
   own gap rests on whatever levels decided the class; this one always has all the probe's levels.
 
 * :class:`FeatureProbe` -- which layer, which (timestep, noise) pairs, which k, whether the runner-up runs.
-* :func:`probe_cells` -- features ``(N, D)`` and paired gaps ``(N,)``; :func:`extract_features` the features.
+* :func:`probe_cells` -- features ``(N, D)`` and paired gaps ``(N,)``.
 * :class:`FeatureBank` -- the standardised, unit-length training features; :meth:`FeatureBank.distance`
   scores cells (higher = more unlike the training cells). Saved as ``feature_bank.safetensors``
   next to the model.
@@ -39,7 +39,6 @@ __all__ = [
     "FeatureBank",
     "FeatureProbe",
     "ProbeResult",
-    "extract_features",
     "layer_module",
     "probe_cells",
 ]
@@ -106,6 +105,7 @@ class ProbeResult:
 
     features: np.ndarray  # (N, D) pooled features, averaged over the probe's pairs
     pair_gap: np.ndarray | None  # (N,) (e_runner_up - e_predicted) / e_predicted; None without a runner-up
+    evaluations_per_cell: int  # UNet evaluations the probe spent on each cell
 
 
 def probe_cells(
@@ -171,29 +171,13 @@ def probe_cells(
     finally:
         handle.remove()
     if total is None:
-        return ProbeResult(np.zeros((n, 0), dtype=np.float32), None)
+        return ProbeResult(np.zeros((n, 0), dtype=np.float32), None, 0)
     out = (total / len(probe.timesteps)).cpu().numpy().astype(np.float32)
     if not np.isfinite(out).all() or not np.isfinite(errs).all():
         raise FloatingPointError("the model produced non-finite features (NaN in input or weights?)")
-    gap = None
-    if runner_up is not None:
-        gap = (errs[1] - errs[0]) / np.maximum(errs[0], 1e-12)
-    return ProbeResult(out, gap)
-
-
-def extract_features(
-    unet: Any,
-    acp: torch.Tensor,
-    x0: torch.Tensor,
-    cond: np.ndarray,
-    probe: FeatureProbe,
-    *,
-    max_batch: int = 256,
-    bf16: bool = False,
-) -> np.ndarray:
-    """Pooled activations of ``probe.layer`` for cells ``x0`` conditioned on classes ``cond``, averaged
-    over the probe's (timestep, noise) pairs: ``(N, 2 * channels)`` float32 (channel means, then stds)."""
-    return probe_cells(unet, acp, x0, cond, probe, max_batch=max_batch, bf16=bf16).features
+    if runner_up is None:
+        return ProbeResult(out, None, len(probe.timesteps))
+    return ProbeResult(out, (errs[1] - errs[0]) / np.maximum(errs[0], 1e-12), 2 * len(probe.timesteps))
 
 
 @dataclass
