@@ -25,6 +25,7 @@ class PipelineConfig(Section):
     max_tile_bytes: int = Field(default=192 * 1024 * 1024, ge=1024)  # larger tiles are rejected ("size")
     max_message_bytes: int = Field(default=256 * 1024 * 1024, ge=1024)  # ZMQ_MAXMSGSIZE of receiving sockets
     memory_queue_tiles: int = Field(default=64, ge=1)  # tiles waiting in broker memory
+    memory_queue_bytes: int = Field(default=2 * 1024**3, ge=1024)  # tile bytes (pixels + headers) held in memory
     spool_dir: Path | None = None  # tiles beyond the memory queue wait here (None: a temporary folder)
     spool_max_bytes: int = Field(default=4 * 1024**3, ge=0)  # 0: no disk spool
     store_backlog_tiles: int = Field(default=64, ge=1)  # analysed tiles waiting for the sink before dispatch pauses

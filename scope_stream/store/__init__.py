@@ -2,6 +2,24 @@
 
 from __future__ import annotations
 
-from .slide_store import FORMAT, FORMAT_VERSION, SlideStore, StoreError, TileRecord, tile_key
+from .slide_store import (
+    FORMAT,
+    FORMAT_VERSION,
+    SlideStore,
+    StoreError,
+    StoreRefused,
+    TileRecord,
+    store_path_for,
+    tile_key,
+)
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "SlideStore", "StoreError", "TileRecord", "tile_key"]
+__all__ = [
+    "FORMAT",
+    "FORMAT_VERSION",
+    "SlideStore",
+    "StoreError",
+    "StoreRefused",
+    "TileRecord",
+    "store_path_for",
+    "tile_key",
+]

@@ -34,6 +34,7 @@ import zarr
 from zarr.codecs import BloscCodec, ZstdCodec
 
 from scope_stream.config.store import StoreConfig
+from scope_stream.transport.validate import is_safe_id
 from scope_stream.vocabulary import Tile, TileResult, VocabularyError
 
 __all__ = [
@@ -41,7 +42,9 @@ __all__ = [
     "FORMAT_VERSION",
     "SlideStore",
     "StoreError",
+    "StoreRefused",
     "TileRecord",
+    "store_path_for",
     "tile_key",
 ]
 
@@ -56,6 +59,41 @@ _STR = "str"
 
 class StoreError(RuntimeError):
     """The slide store cannot do what was asked (missing tile or cell, wrong format, read-only...)."""
+
+
+class StoreRefused(StoreError):
+    """A store that will never be written: the path is unsafe or holds something that is not ours.
+
+    Nothing at the path was modified; trying again does not help (the sink does not retry these).
+    """
+
+
+def store_path_for(root: Path | str, slide_id: str) -> Path:
+    """``<root>/<slide_id>.zarr`` for a safe ``slide_id`` (``[A-Za-z0-9._-]``, no leading ``.``, no ``..``).
+
+    The path is derived from the validated id, never joined from arbitrary text, and checked to stay
+    directly under ``root`` once resolved (a symlink pointing elsewhere is refused too).
+    """
+    if not is_safe_id(slide_id):
+        raise StoreRefused(
+            f"slide id {str(slide_id)[:80]!r} is not a safe store name ([A-Za-z0-9._-], no leading '.', no '..')"
+        )
+    base = Path(root).resolve()
+    path = base / f"{slide_id}.zarr"
+    if path.resolve().parent != base:
+        raise StoreRefused(f"the store of slide {slide_id!r} would resolve outside {base}: {path.resolve()}")
+    return path
+
+
+def _refuse_foreign(path: Path) -> None:
+    """Refuse (without touching it) a path that exists but is not a zarr v3 group we could have made."""
+    if path.is_symlink() or (path.exists() and not path.is_dir()):
+        raise StoreRefused(f"{path} exists and is not a folder: not a scope-stream slide store; left untouched")
+    if path.is_dir() and any(path.iterdir()):
+        raise StoreRefused(
+            f"{path} exists, is not empty and has no zarr.json (a zarr v2 store or other data?): "
+            "not a scope-stream slide store; left untouched"
+        )
 
 
 # ------------------------------------------------------------------------------------ columns
@@ -267,9 +305,13 @@ class SlideStore:
         exists = (self.path / "zarr.json").is_file()
         if mode == "r" and not exists:
             raise StoreError(f"no slide store at {self.path}")
+        if mode == "w" and exists:
+            SlideStore._check_ours(self.path)  # overwrite only our own kind of store
         if mode == "w" or not exists:
             if not slide_id:
                 raise StoreError(f"creating a slide store at {self.path} needs a slide_id")
+            if not exists:
+                _refuse_foreign(self.path)
             self.root = zarr.open_group(str(self.path), mode="w", zarr_format=3)
             self.root.attrs["scope_stream"] = {
                 "format": FORMAT,
@@ -289,10 +331,12 @@ class SlideStore:
             try:
                 self.root = zarr.open_group(str(self.path), mode="r" if mode == "r" else "r+", zarr_format=3)
             except Exception as exc:  # zarr raises several kinds
-                raise StoreError(f"cannot open slide store {self.path}: {exc}") from exc
+                raise StoreRefused(f"cannot open slide store {self.path}: {exc}; left untouched") from exc
             info = self.root.attrs.get("scope_stream")
             if not isinstance(info, dict) or info.get("format") != FORMAT:
-                raise StoreError(f"{self.path} is not a scope-stream slide store (no scope_stream.format attribute)")
+                raise StoreRefused(
+                    f"{self.path} is not a scope-stream slide store (no scope_stream.format attribute); left untouched"
+                )
             if int(info.get("version", 0)) > FORMAT_VERSION:
                 raise StoreError(
                     f"{self.path} has store format version {info.get('version')}, newer than {FORMAT_VERSION}"
@@ -300,6 +344,15 @@ class SlideStore:
             if slide_id and info.get("slide_id") != slide_id:
                 raise StoreError(f"{self.path} holds slide {info.get('slide_id')!r}, not {slide_id!r}")
         self._open_tables()
+
+    @staticmethod
+    def _check_ours(path: Path) -> None:
+        try:
+            info = zarr.open_group(str(path), mode="r", zarr_format=3).attrs.get("scope_stream")
+        except Exception as exc:  # zarr raises several kinds
+            raise StoreRefused(f"{path} is not a readable zarr v3 group ({exc}); left untouched") from exc
+        if not isinstance(info, dict) or info.get("format") != FORMAT:
+            raise StoreRefused(f"{path} is not a scope-stream slide store; refusing to overwrite it")
 
     # ---------------------------------------------------------------- construction helpers
     @classmethod

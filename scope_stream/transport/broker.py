@@ -30,14 +30,14 @@ from .protocol import (
     ProtocolError,
     Rejections,
     as_buffer,
-    check_tile_header,
     decode_header,
     encode,
     parse_result,
     set_common,
 )
 from .security import ServerSecurity, check_bind_allowed
-from .spool import Spool
+from .spool import Spool, SpoolFull
+from .validate import MAX_TILE_HEADER_BYTES, check_id, check_req, check_tile_header, finite_number, optional_int
 
 __all__ = ["Broker", "bind_endpoints"]
 
@@ -169,6 +169,7 @@ class Broker:
         self.endpoints: Endpoints | None = None
         # state
         self.queue: deque[Job] = deque()
+        self.held_bytes = 0  # pixels + header bytes of the tiles held in memory (queued to stored)
         self.spool = Spool(c.spool_dir, c.spool_max_bytes)
         self.spooled: set[Key] = set()
         self.jobs: dict[Key, Job] = {}
@@ -314,9 +315,21 @@ class Broker:
             try:
                 handler(ident, frames[1:])
             except ProtocolError as exc:
-                self.rejections.add(exc.reason, exc.detail)
-                if sock is self.frontend or sock is self.control:
-                    self._reply(sock, ident, "reject", reason=exc.reason, detail=exc.detail, tile_id=exc.tile_id)
+                self._reject(sock, ident, exc)
+            except Exception as exc:  # a message must never take the broker down: refuse it, keep serving
+                log.exception("broker: a message on the %s socket raised; refused", self._name_of(sock))
+                self._reject(sock, ident, ProtocolError("internal", f"{type(exc).__name__}: {str(exc)[:200]}"))
+
+    def _name_of(self, sock: zmq.Socket[Any]) -> str:
+        names = {id(self.frontend): "frontend", id(self.backend): "backend", id(self.sinksock): "sink"}
+        return names.get(id(sock), "control")
+
+    def _reject(self, sock: zmq.Socket[Any], ident: bytes, exc: ProtocolError) -> None:
+        """Log and count a refused message and, where the protocol has a reply, answer ``reject``."""
+        self.rejections.add(exc.reason, f"{self._name_of(sock)}: {exc.detail}")
+        if sock is self.frontend or sock is self.control:
+            detail = exc.detail if exc.reason == "full" else f"malformed: {exc.reason}: {exc.detail}"
+            self._reply(sock, ident, "reject", reason=exc.reason, detail=detail, tile_id=exc.tile_id, req=exc.req)
 
     def request_stop(self, drain: bool = True, deadline_s: float | None = None) -> None:
         """Stop (after storing everything accepted, if ``drain``; giving up on that after ``deadline_s``)."""
@@ -330,9 +343,16 @@ class Broker:
     def _can_accept(self) -> bool:
         if self.stopping:
             return False
-        if len(self.queue) < self.cfg.memory_queue_tiles and not self.spool:
+        if self._memory_has_room(self._typical_bytes) and not self.spool:
             return True
         return self.spool.can_take(self._typical_bytes)
+
+    def _memory_has_room(self, nbytes: int) -> bool:
+        """Room in memory for one more tile of ``nbytes`` (pixels + header): ``memory_queue_tiles`` waiting,
+        ``memory_queue_bytes`` held in all (waiting, in analysis or being stored); one tile always fits."""
+        if len(self.queue) >= self.cfg.memory_queue_tiles:
+            return False
+        return not self.jobs or self.held_bytes + nbytes <= self.cfg.memory_queue_bytes
 
     def _on_frontend(self, ident: bytes, frames: list[zmq.Frame]) -> None:
         header = decode_header(frames[0], ("tile", "scan", "finish", "stats"))
@@ -344,16 +364,20 @@ class Broker:
             return
         if len(frames) != 2:
             raise ProtocolError("frames", f"a tile message has 1 payload frame, got {len(frames) - 1}")
-        buf = as_buffer(frames[1])
+        header_bytes = as_buffer(frames[0]).nbytes
         tile = header.get("tile")
+        tid = tile.get("tile_id") if isinstance(tile, dict) and isinstance(tile.get("tile_id"), str) else None
+        if header_bytes > MAX_TILE_HEADER_BYTES:
+            raise ProtocolError(
+                "header", f"a tile header of {header_bytes} bytes exceeds {MAX_TILE_HEADER_BYTES}", tid and tid[:128]
+            )
+        buf = as_buffer(frames[1])
         check_tile_header(tile, buf.nbytes, self.cfg.max_tile_bytes)
         assert isinstance(tile, dict)
         self._check_tile_fields(tile, buf)
-        sent_at = header.get("sent_at", time.time())
-        if not isinstance(sent_at, (int, float)):
-            raise ProtocolError("schema", "sent_at must be a number")
+        sent_at = finite_number(header.get("sent_at", time.time()), "sent_at", tid, limit=1e11)
         key: Key = (tile["slide_id"], tile["tile_id"])
-        status = self._accept(key, tile, frames[1], buf.nbytes, float(sent_at))
+        status = self._accept(key, tile, frames[1], buf.nbytes, sent_at, header_bytes)
         self._reply(
             self.frontend,
             ident,
@@ -379,32 +403,46 @@ class Broker:
         except (TypeError, ValueError) as exc:
             raise ProtocolError("schema", f"bad tile header: {exc}") from None
 
-    def _accept(self, key: Key, tile: dict[str, Any], pixels: Any, nbytes: int, sent_at: float) -> str:
+    def _accept(
+        self, key: Key, tile: dict[str, Any], pixels: Any, nbytes: int, sent_at: float, header_bytes: int = 0
+    ) -> str:
+        """Queue (memory), spool (disk) or refuse (``full``, never acknowledged) an accepted tile."""
         if key in self.jobs or key in self.done or key in self.spooled:
             self.counts["duplicates_in"] += 1
             return "duplicate"
-        self._typical_bytes = max(nbytes, int(self._typical_bytes * 0.9))
+        total = nbytes + header_bytes  # the header (metadata) costs memory and disk too
         now = time.time()
+        in_memory = self._memory_has_room(total) and not self.spool
+        meta = {"tile": tile, "sent_at": sent_at, "accepted_at": now}
+        status = "queued"
+        if not in_memory:
+            try:
+                self.spool.push(meta, as_buffer(pixels))
+                status = "spooled"
+            except SpoolFull as exc:
+                self.counts["refused_full"] += 1
+                raise ProtocolError(
+                    "full",
+                    f"broker full: {len(self.queue)} tiles queued, {self.held_bytes} bytes held in memory, {exc}; "
+                    "send it again later",
+                    key[1],
+                ) from None
+        self._typical_bytes = max(total, int(self._typical_bytes * 0.9))
         self.counts["accepted"] += 1
         self.counts["accepted_bytes"] += nbytes
         self.pending[key[0]] += 1
         self.finished.pop(key[0], None)
-        if len(self.queue) < self.cfg.memory_queue_tiles and not self.spool:
-            self._enqueue(Job(key, tile, pixels, nbytes, sent_at, now))
-            return "queued"
-        meta = {"tile": tile, "sent_at": sent_at, "accepted_at": now}
-        if self.spool.can_take(nbytes):
-            self.spool.push(meta, as_buffer(pixels))
+        if status == "spooled":
             self.spooled.add(key)
             self.counts["spooled"] += 1
-            return "spooled"
-        # neither memory nor disk has room for this one: hold it (the frontend is not read again until there is)
-        self._enqueue(Job(key, tile, pixels, nbytes, sent_at, now))
-        return "queued"
+        else:
+            self._enqueue(Job(key, tile, pixels, total, sent_at, now))
+        return status
 
     def _enqueue(self, job: Job) -> None:
         self.jobs[job.key] = job
         self.queue.append(job)
+        self.held_bytes += job.nbytes
 
     def _take_up_spool(self) -> None:
         """Tiles a previous broker left in a configured spool folder are known (for de-duplication) and pending."""
@@ -416,7 +454,7 @@ class Broker:
                 self.counts["accepted"] += 1
 
     def _refill(self) -> None:
-        while self.spool and len(self.queue) < self.cfg.memory_queue_tiles:
+        while self.spool and self._memory_has_room(self._typical_bytes):
             meta, payload = self.spool.pop()
             tile = meta["tile"]
             key = (tile["slide_id"], tile["tile_id"])
@@ -431,15 +469,22 @@ class Broker:
         self._on_request(self.control, ident, header)
 
     def _on_request(self, sock: zmq.Socket[Any], ident: bytes, header: dict[str, Any]) -> None:
+        req = check_req(header.get("req"))
+        try:
+            self._serve_request(sock, ident, header, req)
+        except ProtocolError as exc:
+            exc.req = req
+            raise
+
+    def _serve_request(self, sock: zmq.Socket[Any], ident: bytes, header: dict[str, Any], req: Any) -> None:
         kind = header["type"]
-        req = header.get("req")
         if kind == "stats":
             self._reply(sock, ident, "stats", stats=self.stats(), req=req)
         elif kind == "ping":
             self._reply(sock, ident, "pong", req=req, endpoints=self.endpoints.to_dict() if self.endpoints else {})
         elif kind == "scan":
-            slide_id, meta = header.get("slide_id"), header.get("metadata", {})
-            if not isinstance(slide_id, str) or not slide_id or not isinstance(meta, dict):
+            slide_id, meta = check_id(header.get("slide_id"), "slide_id"), header.get("metadata", {})
+            if not isinstance(meta, dict):
                 raise ProtocolError("schema", "scan needs a slide_id (string) and metadata (object)")
             self.scans.setdefault(slide_id, {}).update(meta)
             if self.sink is not None:
@@ -448,8 +493,8 @@ class Broker:
                 )
             self._reply(sock, ident, "ack", slide_id=slide_id, status="scan", req=req)
         elif kind == "finish":
-            slide_id, summary = header.get("slide_id"), header.get("summary", {})
-            if not isinstance(slide_id, str) or not slide_id or not isinstance(summary, dict):
+            slide_id, summary = check_id(header.get("slide_id"), "slide_id"), header.get("summary", {})
+            if not isinstance(summary, dict):
                 raise ProtocolError("schema", "finish needs a slide_id (string) and summary (object)")
             self.finish_summary.setdefault(slide_id, {}).update(summary)
             self.finish_waiters.setdefault(slide_id, []).append((sock, ident, req))
@@ -474,6 +519,13 @@ class Broker:
             ):
                 self.finalize_sent[slide_id] = self.sink.ident
 
+    def _refuse_finish(self, slide_id: str, error: str) -> None:
+        log.error("slide %s cannot be finished: %s", slide_id, error)
+        for sock, ident, req in self.finish_waiters.pop(slide_id, []):
+            self._reply(sock, ident, "reject", reason="store", detail=f"slide {slide_id}: {error}", req=req)
+        self.finish_summary.pop(slide_id, None)
+        self.finalize_sent.pop(slide_id, None)
+
     def _answer_finish(self, slide_id: str, summary: dict[str, Any]) -> None:
         for sock, ident, req in self.finish_waiters.pop(slide_id, []):
             self._reply(sock, ident, "finished", slide_id=slide_id, summary=summary, req=req)
@@ -493,14 +545,15 @@ class Broker:
             credit = header.get("credit")
             if not isinstance(credit, int) or isinstance(credit, bool) or credit < 0:
                 raise ProtocolError("schema", f"ready needs an int credit >= 0, got {credit!r}")
+            pid = optional_int(header.get("pid"), "pid", 0)
             if w is None:
-                w = Peer(ident, str(header.get("name", ident.hex()[:8])), 0, now)
+                w = Peer(ident, str(header.get("name", ident.hex()[:8]))[:128], 0, now)
                 self.workers[ident] = w
                 log.info("worker %s joined (device %s, credit %d)", w.name, header.get("device", "?"), credit)
                 self.counts["workers_joined"] += 1
             w.credit = min(credit, self.cfg.tile_hwm)
-            w.device = str(header.get("device", ""))
-            w.pid = int(header.get("pid", 0) or 0)
+            w.device = str(header.get("device", ""))[:128]
+            w.pid = pid
             w.last_seen = now
             return
         if w is None:
@@ -644,11 +697,12 @@ class Broker:
             credit = header.get("credit")
             if not isinstance(credit, int) or isinstance(credit, bool) or credit < 1:
                 raise ProtocolError("schema", f"ready needs an int credit >= 1, got {credit!r}")
+            pid = optional_int(header.get("pid"), "pid", 0)
             if self.sink is not None and self.sink.ident != ident:
                 log.warning("a new sink replaces the old one; re-sending %d unconfirmed tiles", len(self.sink.held))
                 self._drop_sink("replaced")
             if self.sink is None:
-                self.sink = Peer(ident, "sink", credit, now, pid=int(header.get("pid", 0) or 0))
+                self.sink = Peer(ident, "sink", credit, now, pid=pid)
                 self.counts["sinks_joined"] += 1
                 for slide_id, meta in self.scans.items():
                     self._send(self.sinksock, [ident, encode("scan", slide_id=slide_id, metadata=meta)], copy=True)
@@ -670,7 +724,7 @@ class Broker:
             if sink is not None and sink.ident == ident:
                 sink.credit += 1
                 sink.held.discard(key)
-            self._on_stored(key, str(header.get("status", "stored")), str(header.get("error", "")))
+            self._on_stored(key, str(header.get("status", "stored")), str(header.get("error", ""))[:2000])
         elif kind == "event":
             topic, payload = header.get("topic"), header.get("payload")
             if not isinstance(topic, str) or not isinstance(payload, dict):
@@ -678,7 +732,10 @@ class Broker:
             self.publish(topic, payload)
         elif kind == "finalized":
             done_slide = header.get("slide_id")
-            if isinstance(done_slide, str):
+            if isinstance(done_slide, str) and header.get("error"):
+                # the sink could not finish this slide's store (e.g. a foreign store there): say so, do not hang
+                self._refuse_finish(done_slide, str(header["error"])[:2000])
+            elif isinstance(done_slide, str):
                 summary = header.get("summary", {})
                 self.finished[done_slide] = summary if isinstance(summary, dict) else {}
                 self._answer_finish(done_slide, self.finished[done_slide])
@@ -689,6 +746,14 @@ class Broker:
         job = self.jobs.get(key)
         if job is None or job.state != "storing":
             return  # already confirmed (a re-sent tile answered twice)
+        if status == "refused":
+            # the sink will never store it (the store there is not ours, the tile is malformed): no retry loop
+            del self.jobs[key]
+            self.held_bytes -= job.nbytes
+            self.pending[key[0]] -= 1
+            self.counts["store_refused"] += 1
+            self.rejections.add("store", f"sink refused tile {key[1]} of slide {key[0]} for good: {error}")
+            return
         if status == "error":
             # the sink could not write it: keep it and try again (never dropped silently)
             self.counts["store_errors"] += 1
@@ -698,6 +763,7 @@ class Broker:
             self.store_queue.append(key)
             return
         del self.jobs[key]
+        self.held_bytes -= job.nbytes
         self.done.add(key)
         self.pending[key[0]] -= 1
         self.counts["stored"] += 1

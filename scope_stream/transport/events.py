@@ -8,7 +8,6 @@ not be lost travels here — the store is the record.
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 from collections.abc import Callable, Iterable, Iterator
@@ -18,6 +17,7 @@ from typing import Any
 import zmq
 
 from .security import ClientSecurity, client_security
+from .validate import ProtocolError, loads
 
 __all__ = ["TOPICS", "EventSubscriber"]
 
@@ -71,9 +71,9 @@ class EventSubscriber:
                 log.warning("event with %d frames ignored", len(frames))
                 continue
             try:
-                payload = json.loads(frames[1])
+                payload = loads(frames[1])  # bounded: depth, number sizes, finite floats
                 topic = frames[0].decode()
-            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            except (UnicodeDecodeError, ProtocolError) as exc:
                 log.warning("undecodable event ignored: %s", exc)
                 continue
             if isinstance(payload, dict):

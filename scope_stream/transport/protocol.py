@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import time
 from collections import Counter
@@ -18,10 +17,17 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import zmq
 
-from scope_stream.vocabulary import PIXEL_DTYPES, Tile, TileResult, VocabularyError
+from scope_stream.vocabulary import Tile, TileResult, VocabularyError
+
+from .validate import (
+    MAX_HEADER_BYTES,
+    REJECT_REASONS,
+    ProtocolError,
+    check_tile_header,
+    loads,
+)
 
 __all__ = [
     "MAX_HEADER_BYTES",
@@ -31,6 +37,7 @@ __all__ = [
     "ProtocolError",
     "Rejections",
     "as_buffer",
+    "check_tile_header",
     "decode_header",
     "encode",
     "parse_result",
@@ -43,21 +50,6 @@ log = logging.getLogger(__name__)
 
 #: Version carried in every header as ``v``; peers refuse other versions.
 PROTOCOL_VERSION = 1
-#: Largest header frame accepted (JSON). Tile headers are small; result headers carry cell contours.
-MAX_HEADER_BYTES = 4 * 1024 * 1024
-
-#: Reasons a message can be rejected for (keys of ``pipeline.stats.rejected``).
-REJECT_REASONS = ("frames", "header", "version", "type", "schema", "dtype", "length", "size", "auth")
-
-
-class ProtocolError(ValueError):
-    """A message that does not follow the protocol; ``reason`` is one of :data:`REJECT_REASONS`."""
-
-    def __init__(self, reason: str, detail: str, tile_id: str | None = None) -> None:
-        super().__init__(f"{reason}: {detail}")
-        self.reason = reason
-        self.detail = detail
-        self.tile_id = tile_id
 
 
 Frame = zmq.Frame | bytes | memoryview | bytearray
@@ -76,22 +68,17 @@ def encode(type_: str, **fields: Any) -> bytes:
 
 
 def decode_header(frame: Frame, allowed_types: Sequence[str] | None = None) -> dict[str, Any]:
-    """Parse and check a header frame: size, JSON object, version, known type."""
-    buf = as_buffer(frame)
-    if buf.nbytes > MAX_HEADER_BYTES:
-        raise ProtocolError("header", f"header frame of {buf.nbytes} bytes exceeds {MAX_HEADER_BYTES}")
-    try:
-        header = json.loads(bytes(buf).decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ProtocolError("header", f"header is not UTF-8 JSON: {exc}") from None
+    """Parse and check a header frame: size, bounded JSON (:func:`~.validate.loads`), object, version, type."""
+    header = loads(as_buffer(frame), MAX_HEADER_BYTES)
     if not isinstance(header, dict):
         raise ProtocolError("header", f"header must be a JSON object, got {type(header).__name__}")
     version = header.get("v")
     if version != PROTOCOL_VERSION:
-        raise ProtocolError("version", f"protocol version {version!r} is not {PROTOCOL_VERSION}")
+        raise ProtocolError("version", f"protocol version {str(version)[:20]} is not {PROTOCOL_VERSION}")
     kind = header.get("type")
     if not isinstance(kind, str) or (allowed_types is not None and kind not in allowed_types):
-        raise ProtocolError("type", f"message type {kind!r} is not one of {list(allowed_types or [])}")
+        shown = kind[:40] if isinstance(kind, str) else type(kind).__name__
+        raise ProtocolError("type", f"message type {shown!r} is not one of {list(allowed_types or [])}")
     return header
 
 
@@ -100,35 +87,6 @@ def tile_frames(tile: Tile, *, sent_at: float | None = None, **extra: Any) -> li
     """``[header, pixels]`` for a ``tile`` message; the pixel frame is a zero-copy view."""
     header, buffer = tile.to_wire()
     return [encode("tile", tile=header, sent_at=time.time() if sent_at is None else sent_at, **extra), buffer]
-
-
-def check_tile_header(tile: Any, payload_bytes: int, max_tile_bytes: int) -> tuple[str, tuple[int, ...]]:
-    """Validate a tile header against its payload length; returns ``(dtype, shape)``."""
-    if not isinstance(tile, dict):
-        raise ProtocolError("schema", "field 'tile' must be an object (the tile header)")
-    tile_id = tile.get("tile_id") if isinstance(tile.get("tile_id"), str) else None
-    dtype_name = tile.get("dtype")
-    if not isinstance(dtype_name, str) or dtype_name not in PIXEL_DTYPES:
-        raise ProtocolError("dtype", f"pixel dtype {dtype_name!r} is not one of {sorted(PIXEL_DTYPES)}", tile_id)
-    shape = tile.get("shape")
-    if (
-        not isinstance(shape, list)
-        or len(shape) not in (2, 3)
-        or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in shape)
-    ):
-        raise ProtocolError("schema", f"tile shape {shape!r} is not a list of 2 or 3 positive ints", tile_id)
-    expected = math.prod(shape) * np.dtype(dtype_name).itemsize
-    if expected > max_tile_bytes or payload_bytes > max_tile_bytes:
-        raise ProtocolError(
-            "size", f"tile of {max(expected, payload_bytes)} bytes exceeds the limit of {max_tile_bytes}", tile_id
-        )
-    if payload_bytes != expected:
-        raise ProtocolError(
-            "length",
-            f"pixel buffer holds {payload_bytes} bytes but shape {shape} x {dtype_name} needs {expected}",
-            tile_id,
-        )
-    return dtype_name, tuple(shape)
 
 
 def parse_tile(header: dict[str, Any], frames: Sequence[Frame], max_tile_bytes: int) -> Tile:

@@ -22,20 +22,20 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import zmq
 
-from scope_stream.store import SlideStore, StoreError, TileRecord
+from scope_stream.store import SlideStore, StoreError, StoreRefused, TileRecord, store_path_for
 from scope_stream.vocabulary import TileResult
 
 from .protocol import (
     ProtocolError,
     Rejections,
     as_buffer,
-    check_tile_header,
     decode_header,
     encode,
     parse_result,
     watch_parent,
 )
 from .security import client_security
+from .validate import check_id, check_tile_header, is_safe_id
 
 if TYPE_CHECKING:
     from scope_stream.config import ScopeStreamConfig
@@ -58,11 +58,14 @@ class Sink:
         self._warned: set[str] = set()
 
     def path_for(self, slide_id: str) -> Path:
+        """``<store.root>/<slide_id>.zarr``, derived from a validated id (raises :class:`StoreRefused`)."""
         if self.store_path is not None:
             return self.store_path
-        return Path(self.config.store.root) / f"{slide_id}.zarr"
+        return store_path_for(self.config.store.root, slide_id)
 
     def store(self, slide_id: str) -> SlideStore:
+        if not is_safe_id(slide_id):
+            raise StoreRefused(f"slide id {str(slide_id)[:80]!r} is not a safe id")
         if self.store_path is not None:
             if not self.stores:
                 exists = (self.store_path / "zarr.json").is_file()
@@ -175,21 +178,30 @@ def run_sink(
 def _control(link: Any, sink: Sink, header: dict[str, Any]) -> None:
     kind = header["type"]
     slide_id = header.get("slide_id")
-    if not isinstance(slide_id, str) or not slide_id:
-        log.warning("sink: %s without a slide_id ignored", kind)
+    if not is_safe_id(slide_id):
+        log.warning("sink: %s without a valid slide_id ignored", kind)
         return
+    assert isinstance(slide_id, str)
     try:
         store = sink.store(slide_id)
         if kind == "scan":
             meta = header.get("metadata") or {}
+            if not isinstance(meta, dict):
+                raise ProtocolError("schema", "scan metadata must be an object")
             store.set_metadata(**meta)
             _event(link, "scan.started", slide_id=slide_id, metadata=store.metadata, store=str(store.path))
         elif kind == "finalize":
-            summary = store.mark_done(header.get("summary") or {})
+            extra = header.get("summary") or {}
+            if not isinstance(extra, dict):
+                raise ProtocolError("schema", "finalize summary must be an object")
+            summary = store.mark_done(extra)
             _event(link, "slide.done", slide_id=slide_id, store=str(store.path), summary=summary)
             link.send([encode("finalized", slide_id=slide_id, summary=summary, req=header.get("req"))])
-    except (StoreError, OSError, TypeError, ValueError) as exc:
+    except Exception as exc:  # one slide's trouble must not stop the sink
         log.error("sink: %s for slide %s failed: %s", kind, slide_id, exc)
+        if kind == "finalize":  # answer, so that whoever waits on finish gets an error instead of hanging
+            error = f"{type(exc).__name__}: {exc}"[:2000]
+            link.send([encode("finalized", slide_id=slide_id, summary={}, req=header.get("req"), error=error)])
 
 
 def _event(link: Any, topic: str, **payload: Any) -> None:
@@ -214,20 +226,29 @@ def _commit(
         try:
             rec, info = _record(header, payload, sink.config.pipeline.max_tile_bytes)
         except ProtocolError as exc:
+            # malformed: it would be malformed next time too, so refuse it for good (no retry loop)
             rejections.add(exc.reason, exc.detail)
             tile: dict[str, Any] = header["tile"] if isinstance(header.get("tile"), dict) else {}
             sid, tid = tile.get("slide_id"), tile.get("tile_id")
             if isinstance(sid, str) and isinstance(tid, str):
-                answers.append((sid, tid, "error", f"{exc.reason}: {exc.detail}"))
+                answers.append((sid[:256], tid[:256], "refused", f"malformed: {exc.reason}: {exc.detail}"))
             continue
         by_slide.setdefault(str(rec.header["slide_id"]), []).append((rec, info))
     for slide_id, items in by_slide.items():
         try:
             store = sink.store(slide_id)
             flags = store.write_records([r for r, _ in items])
-        except (StoreError, OSError, ValueError) as exc:
+        except StoreRefused as exc:  # not our store, or an unsafe path: never touched, never retried
+            log.error("sink: refusing %d tiles of slide %s: %s", len(items), slide_id, exc)
+            answers.extend((slide_id, r.tile_id, "refused", str(exc)) for r, _ in items)
+            continue
+        except (StoreError, OSError) as exc:  # perhaps passing (disk full...): the broker retries
             log.error("sink: could not commit %d tiles of slide %s: %s", len(items), slide_id, exc)
             answers.extend((slide_id, r.tile_id, "error", str(exc)) for r, _ in items)
+            continue
+        except Exception as exc:  # values the store cannot take: retrying would fail the same way
+            log.exception("sink: tiles of slide %s cannot be stored; refusing them", slide_id)
+            answers.extend((slide_id, r.tile_id, "refused", f"{type(exc).__name__}: {exc}") for r, _ in items)
             continue
         for (rec, info), fresh in zip(items, flags, strict=True):
             answers.append((slide_id, rec.tile_id, "stored" if fresh else "duplicate", ""))
@@ -243,18 +264,16 @@ def _record(header: dict[str, Any], payload: list[Any], max_tile_bytes: int) -> 
     tile = header.get("tile")
     pix = as_buffer(payload[0])
     pixels = None
+    dtype, shape = check_tile_header(tile, pix.nbytes or None, max_tile_bytes)
     if pix.nbytes:
-        dtype, shape = check_tile_header(tile, pix.nbytes, max_tile_bytes)
         pixels = np.frombuffer(pix, dtype=dtype).reshape(shape)
-    elif not isinstance(tile, dict):
-        raise ProtocolError("schema", "field 'tile' must be an object")
     assert isinstance(tile, dict)
-    for k in ("slide_id", "tile_id", "x_um", "y_um", "pixel_size_um"):
-        if k not in tile:
-            raise ProtocolError("schema", f"tile header lacks {k!r}")
     result: TileResult | None = None
     if header.get("result") is not None:
         result = parse_result({"result": header["result"]}, [payload[1]])
+        check_id(result.tile_id, "result tile_id")
+        if (result.slide_id, result.tile_id) != (tile["slide_id"], tile["tile_id"]):
+            raise ProtocolError("schema", "the result does not belong to the tile", tile["tile_id"])
     now = time.time()
     sent_at = header.get("sent_at")
     latency = (now - float(sent_at)) * 1000.0 if isinstance(sent_at, (int, float)) else math.nan

@@ -222,14 +222,20 @@ class TileSource:
                 self._in_flight = int(header.get("in_flight", 0))
             elif kind == "reject":
                 tid = header.get("tile_id")
+                tid = tid if isinstance(tid, str) else None
+                if header.get("reason") == "full" and tid is not None:
+                    # the broker had no room: not a verdict on the tile, which stays unacknowledged and is
+                    # sent again after ack_timeout
+                    log.warning("broker full, tile %s will be sent again: %s", tid, str(header.get("detail"))[:200])
+                    continue
                 rej = Rejected(tid, str(header.get("reason")), str(header.get("detail")))
                 self.stats_.rejected.append(rej)
                 log.error("broker rejected %s: %s (%s)", tid or "a message", rej.reason, rej.detail)
                 for key in [k for k in self._unacked if k[1] == tid]:
                     self._unacked.pop(key)
-                if header.get("req") is not None:
+                if isinstance(header.get("req"), (str, int)):
                     self._replies[header["req"]] = header
-            else:
+            elif header.get("req") is None or isinstance(header.get("req"), (str, int)):
                 self._replies[header.get("req")] = header
 
     def _request(self, type_: str, timeout: float | None, **fields: Any) -> dict[str, Any]:

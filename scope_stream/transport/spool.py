@@ -14,6 +14,7 @@ import os
 import shutil
 import struct
 import tempfile
+import weakref
 from collections import deque
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,8 @@ class Spool:
         self._own_dir = directory is None
         self.dir = Path(tempfile.mkdtemp(prefix="scope-stream-spool-")) if directory is None else Path(directory)
         self.dir.mkdir(parents=True, exist_ok=True)
+        if self._own_dir:  # removed on close(), and at the latest when the interpreter exits
+            weakref.finalize(self, shutil.rmtree, str(self.dir), True)
         self._files: deque[tuple[Path, int]] = deque()
         self.nbytes = 0
         self._counter = 0
@@ -95,9 +98,19 @@ class Spool:
         return header, memoryview(data)[_LEN.size + hlen :]
 
     def close(self) -> None:
-        """Remove a temporary spool folder (a configured folder keeps whatever is still spooled)."""
-        if self._own_dir and not self._files:
+        """Remove a temporary spool folder, whatever it holds (nobody could take it up: its name is random);
+        a configured folder keeps what is still spooled for the next broker."""
+        if self._own_dir:
+            if self._files:
+                log.warning(
+                    "spool %s: dropping %d tiles (%d bytes) not yet dispatched with the temporary folder",
+                    self.dir,
+                    len(self._files),
+                    self.nbytes,
+                )
             shutil.rmtree(self.dir, ignore_errors=True)
+            self._files.clear()
+            self.nbytes = 0
         elif self._files:
             log.warning(
                 "spool %s keeps %d tiles (%d bytes) not yet dispatched", self.dir, len(self._files), self.nbytes

@@ -22,6 +22,7 @@ import zmq
 from .protocol import ProtocolError, Rejections, decode_header, encode, parse_tile, result_frames, watch_parent
 from .security import client_security
 from .stages import Analyzer, load_analyzer
+from .validate import optional_int
 
 if TYPE_CHECKING:
     from scope_stream.config import ScopeStreamConfig
@@ -183,7 +184,11 @@ def _gather(
                     ]
                 )
             continue
-        batch.append((tile, int(header.get("attempt", 1))))
+        try:
+            attempt = optional_int(header.get("attempt"), "attempt", 1, lo=1, hi=1_000_000)
+        except ProtocolError:
+            attempt = 1
+        batch.append((tile, attempt))
         if deadline is None:
             deadline = time.monotonic() + wait_ms / 1000.0
         if header.get("queued", 1) == 0:
