@@ -35,6 +35,8 @@ class CellAnalyzer:
     def __init__(self, config: ScopeStreamConfig, classifier: DiffusionClassifier | None) -> None:
         self.config = config
         self.classifier = classifier
+        #: the flag thresholds in force: the config's where set, else the model's calibrated ones
+        self.flags = config.flags.resolved(classifier.flag_thresholds() if classifier is not None else None)
         self.name = "segment+classify" if classifier is not None else "segment"
 
     def analyze(self, tiles: list[Tile]) -> list[TileResult]:
@@ -86,7 +88,7 @@ class CellAnalyzer:
 
         flags: list[Flag] = []
         for cell, call in zip(wbcs, calls, strict=True):
-            flag = flag_call(cell, call, self.config.flags)
+            flag = flag_call(cell, call, self.flags)
             if flag is not None:
                 flags.append(flag)
         return flags

@@ -14,8 +14,9 @@ import json
 import math
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -23,8 +24,11 @@ from scope_stream.config.train import TrainConfig
 
 from .calibration import fit_temperature, softmax_neg
 from .classifier import Scores
-from .data import augment, check_crops, resize_crops, to_model_input
-from .model import CONFIG, WEIGHTS, ModelError, pick_device
+from .data import augment, check_crops, model_crops, resize_crops, to_model_input
+from .model import CONFIG, WEIGHTS, ModelError, canonical_of, pick_device
+
+if TYPE_CHECKING:
+    from .canonical import CanonicalSpec
 
 __all__ = ["CnnClassifier", "build_cnn", "is_cnn_dir", "train_baseline"]
 
@@ -74,13 +78,14 @@ def train_baseline(cfg: TrainConfig, width: int = 32, progress: bool = True) -> 
     import torch
     from safetensors.torch import save_file
 
-    from .train import prepare_training
+    from .train import canonical_spec, jpeg_copies, pick_jpeg, prepare_training
 
     device, _, crops, hold = prepare_training(cfg, progress)
     classes = sorted(set(crops.labels)) if cfg.classes is None else list(cfg.classes)
     train, cal = crops.subset(~hold), crops.subset(hold)
     y = torch.as_tensor(train.label_indices(classes))
     imgs = torch.from_numpy(train.images)
+    jpeg = torch.from_numpy(jpeg_copies(train.images, cfg.seed)) if cfg.jpeg_probability > 0 else None
     torch.manual_seed(cfg.seed)
     net = build_cnn(len(classes), width).to(device)
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay or 1e-4)
@@ -94,7 +99,8 @@ def train_baseline(cfg: TrainConfig, width: int = 32, progress: bool = True) -> 
         ks = rng.integers(0, len(classes), cfg.batch_size)
         idx = np.array([by_class[k][rng.integers(0, len(by_class[k]))] for k in ks])
         gen = torch.Generator().manual_seed(int(rng.integers(0, 2**62)))
-        x = augment(to_model_input(imgs[idx], device), gen, **cfg.augmentation())
+        batch = pick_jpeg(imgs, jpeg, idx, rng, cfg.jpeg_probability)
+        x = augment(to_model_input(batch, device), gen, **cfg.augmentation())
         frac = min(1.0, max(step / cfg.steps, (time.monotonic() - t0) / budget))
         for g in opt.param_groups:
             g["lr"] = cfg.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac)))
@@ -116,6 +122,7 @@ def train_baseline(cfg: TrainConfig, width: int = 32, progress: bool = True) -> 
                 "format": FORMAT,
                 "classes": classes,
                 "image_size": cfg.image_size,
+                "canonical": canonical_spec(cfg).to_json() if cfg.canonical is not None else None,
                 "width": width,
                 "name": "cnn-baseline",
                 "steps": step,
@@ -149,6 +156,7 @@ class CnnClassifier:
         cfg = json.loads((self.model_dir / CONFIG).read_text(encoding="utf-8"))
         self.classes: list[str] = list(cfg["classes"])
         self.image_size: int = int(cfg["image_size"])
+        self.canonical: CanonicalSpec | None = canonical_of(cfg.get("canonical"), self.model_dir)
         self.device = pick_device(device)
         self.net = build_cnn(len(self.classes), int(cfg.get("width", 32)))
         self.net.load_state_dict(load_file(str(self.model_dir / WEIGHTS)))
@@ -159,18 +167,29 @@ class CnnClassifier:
         self.temperature = json.loads(cal.read_text(encoding="utf-8"))["temperature"] if cal.is_file() else 1.0
         self._torch = torch
 
-    def logits(self, crops: np.ndarray) -> np.ndarray:
+    def logits(self, images: np.ndarray) -> np.ndarray:
+        """Logits for model-input images ``(N, S, S, 3)`` (canonical crops where the model has a spec)."""
         torch = self._torch
-        x = to_model_input(resize_crops(check_crops(crops), self.image_size), self.device)
+        x = to_model_input(resize_crops(check_crops(images), self.image_size), self.device)
         outs = []
         with torch.inference_mode():
             for i in range(0, x.shape[0], 256):
                 outs.append(self.net(x[i : i + 256]).float().cpu().numpy())
         return np.concatenate(outs).astype(np.float64)
 
-    def score(self, crops: np.ndarray, procedure: str = "fast") -> Scores:
+    def score(
+        self,
+        crops: np.ndarray | Sequence[np.ndarray],
+        procedure: str = "fast",
+        *,
+        canonical: bool = True,
+        um_per_px: float | None = None,
+    ) -> Scores:
+        """Scores for raw crops (``canonical=False``: already the model's input images), as the diffusion
+        classifier's :meth:`~.classifier.DiffusionClassifier.score`."""
         t0 = time.perf_counter()
-        logits = self.logits(crops)
+        images = model_crops(crops, self.image_size, self.canonical, um_per_px) if canonical else np.asarray(crops)
+        logits = self.logits(images)
         probs = softmax_neg(-logits, self.temperature)
         srt = np.sort(probs, axis=1)
         ent = -(probs * np.log(np.clip(probs, 1e-12, None))).sum(axis=1) / math.log(len(self.classes))

@@ -21,6 +21,7 @@ from .procedures import FastPlan, paired_prune_scores
 __all__ = [
     "CANDIDATE_TIMESTEPS",
     "Calibration",
+    "CalibrationError",
     "fit_calibration",
     "fit_temperature",
     "simulate_fast",
@@ -44,8 +45,18 @@ def _nll(scores: np.ndarray, labels: np.ndarray, temperature: float) -> float:
     return float(-np.mean(np.log(np.clip(p[np.arange(len(labels)), labels], 1e-12, None))))
 
 
-def fit_temperature(scores: np.ndarray, labels: np.ndarray) -> float:
-    """The temperature minimising the negative log-likelihood of the true labels (log-space search)."""
+class CalibrationError(ValueError):
+    """A calibration that cannot be trusted (e.g. a temperature fitted on the search bound)."""
+
+
+def fit_temperature(scores: np.ndarray, labels: np.ndarray, *, strict: bool = False) -> float:
+    """The temperature minimising the negative log-likelihood of the true labels (log-space search).
+
+    ``strict``: a minimum on (within 1% of the log-range of) either search bound is an error, not a
+    result: it means the likelihood has no interior optimum, typically because every cell it was
+    fitted on is classified right with a wide margin (the cells chose the plan, or trained the model),
+    and the "calibrated" probabilities would all be 0 or 1.
+    """
     from scipy.optimize import minimize_scalar
 
     s = np.asarray(scores, dtype=np.float64)
@@ -57,6 +68,17 @@ def fit_temperature(scores: np.ndarray, labels: np.ndarray) -> float:
     spread = float(np.median(np.abs(s - s.mean(axis=1, keepdims=True)))) or 1.0
     lo, hi = math.log(1e-3 / spread), math.log(1e3 / spread)
     res = minimize_scalar(lambda lt: _nll(s, y, math.exp(lt)), bounds=(lo, hi), method="bounded")
+    # no interior optimum: the minimum sits on a bound, or the likelihood is as good at the upper bound
+    # (a plateau where every probability has rounded to 1)
+    flat = _nll(s, y, math.exp(hi)) <= float(res.fun) + 1e-12
+    if strict and (min(res.x - lo, hi - res.x) < 0.01 * (hi - lo) or flat):
+        wrong = int((s.argmin(axis=1) != y).sum())
+        raise CalibrationError(
+            f"the temperature fit ended on its search bound ({math.exp(res.x):.3g}; range "
+            f"{math.exp(lo):.3g}..{math.exp(hi):.3g}) on {len(y)} cells of which {wrong} are misclassified: "
+            "the likelihood has no interior optimum. Calibrate on cells that neither trained the model nor "
+            "chose the plan, with enough of them (and shifted copies) that some are called wrong"
+        )
     return float(math.exp(res.x))
 
 
@@ -152,12 +174,22 @@ def fit_calibration(
     max_levels: int = 12,
     tolerance: float = 0.005,
     false_flag_rate: float = 0.05,
+    uncertain_flag_rate: float | None = None,
     info: dict[str, Any] | None = None,
     centre_sigma: float = 0.0,
+    temperature_cells: np.ndarray | None = None,
+    shifted: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> Calibration:
     """Fit everything from ``errors (N, C, L)`` over candidate pairs (``timesteps[l]``, ``noise_seeds[l]``).
 
     ``centre_sigma`` is only recorded: the error weighting ``errors`` were collected with.
+
+    Honest temperatures: ``temperature_cells`` (a boolean mask over the N cells) keeps those cells out
+    of choosing the plan (steps 1-3) and fits the temperatures and the uncertainty threshold on them
+    alone, together with ``shifted`` = (errors, labels) of shifted copies of cells (another microscope
+    simulated), so that the probabilities are calibrated for cells the plan never saw and for other
+    labs' cells. Without it, everything is fitted on all cells, as before. Either way a temperature on
+    its search bound raises :class:`CalibrationError`.
 
     1. Per-level weights ``1 / mean error`` (each level contributes on the same scale).
     2. Greedy forward selection of levels minimising the tempered NLL; the plan keeps the shortest
@@ -166,13 +198,29 @@ def fit_calibration(
        largest true-class gap among cells the full plan gets right) keeps every such cell's class.
     4. Temperatures for the fast and (approximately, from the grid weighted to a uniform density
        in t) the reference scores; anomaly reference distributions; thresholds at
-       ``false_flag_rate`` of calibration cells.
+       ``false_flag_rate`` of calibration cells (the uncertainty threshold at ``uncertain_flag_rate`` of the
+       temperature cells, when given).
     """
-    e = np.asarray(errors, dtype=np.float64)
-    y = np.asarray(labels)
-    n, c, n_levels = e.shape
-    if len(y) != n or len(timesteps) != n_levels or len(noise_seeds) != n_levels:
+    e_all = np.asarray(errors, dtype=np.float64)
+    y_all = np.asarray(labels)
+    if e_all.ndim != 3 or len(y_all) != e_all.shape[0]:
+        raise ValueError("errors must be (N, C, L) with one label per cell")
+    if len(timesteps) != e_all.shape[2] or len(noise_seeds) != e_all.shape[2]:
         raise ValueError("errors, labels, timesteps and noise_seeds do not match")
+    if temperature_cells is None:
+        tmask = np.zeros(len(y_all), dtype=bool)
+    else:
+        tmask = np.asarray(temperature_cells, dtype=bool)
+        if tmask.shape != y_all.shape or tmask.all() or not tmask.any():
+            raise ValueError("temperature_cells must mark some, not all, of the cells")
+    e, y = e_all[~tmask], y_all[~tmask]
+    e_t, y_t = (e_all[tmask], y_all[tmask]) if tmask.any() else (e, y)
+    if shifted is not None:
+        se, sy = np.asarray(shifted[0], dtype=np.float64), np.asarray(shifted[1])
+        if se.ndim != 3 or se.shape[1:] != e_all.shape[1:] or len(sy) != len(se):
+            raise ValueError(f"shifted errors {se.shape} do not match the calibration errors {e_all.shape}")
+        e_t, y_t = np.concatenate([e_t, se]), np.concatenate([y_t, sy])
+    n, c, n_levels = e.shape
     w = 1.0 / e.mean(axis=(0, 1))
     chosen: list[int] = []
     curve: list[float] = []
@@ -211,7 +259,8 @@ def fit_calibration(
         prune_delta=delta,
     )
     fast_s, fast_ev = simulate_fast(e, plan_idx, w, k1, delta)
-    t_fast = fit_temperature(fast_s, y)
+    fast_t, _ = simulate_fast(e_t, plan_idx, w, k1, delta)
+    t_fast = fit_temperature(fast_t, y_t, strict=True)
     # reference: unweighted mean error under a uniform density of t (grid points weighted by their span)
     ts = np.asarray(timesteps, dtype=np.float64)
     order = np.argsort(ts)
@@ -219,10 +268,12 @@ def fit_calibration(
     span = np.empty(n_levels)
     span[order] = np.diff(edges)
     ref_s = (e * span).sum(axis=2) / span.sum()
-    t_ref = fit_temperature(ref_s, y)
-    fast_anom = AnomalyCalibration.fit(fast_s, y)
-    ref_anom = AnomalyCalibration.fit(ref_s, y)
-    unc = _uncertainty(softmax_neg(fast_s, t_fast))
+    t_ref = fit_temperature((e_t * span).sum(axis=2) / span.sum(), y_t, strict=True)
+    # anomaly references: every clean held-out cell (shifted copies are not the "normal" to compare with)
+    clean_fast, _ = simulate_fast(e_all, plan_idx, w, k1, delta)
+    fast_anom = AnomalyCalibration.fit(clean_fast, y_all)
+    ref_anom = AnomalyCalibration.fit((e_all * span).sum(axis=2) / span.sum(), y_all)
+    unc = _uncertainty(softmax_neg(fast_t, t_fast))
     meta = dict(info or {})
     meta.update(
         {
@@ -235,6 +286,16 @@ def fit_calibration(
             "fast_mean_evaluations_on_calibration": float(fast_ev.mean()),
             "reference_grid_balanced_accuracy_on_calibration": _balanced_acc(ref_s, y),
             "false_flag_rate": false_flag_rate,
+            "uncertain_flag_rate": false_flag_rate if uncertain_flag_rate is None else uncertain_flag_rate,
+            "n_plan_cells": len(y),
+            "n_temperature_cells": int(tmask.sum()) if tmask.any() else len(y),
+            "n_shifted_temperature_cells": len(shifted[1]) if shifted is not None else 0,
+            "fast_balanced_accuracy_on_temperature_cells": _balanced_acc(fast_t, y_t),
+            "temperature_fitted_on": (
+                "held-out cells that did not choose the plan" + (" and shifted copies" if shifted is not None else "")
+                if tmask.any()
+                else "the cells that chose the plan"
+            ),
         }
     )
     return Calibration(
@@ -244,7 +305,9 @@ def fit_calibration(
         t_ref,
         ref_anom,
         anomaly_threshold=1.0 - false_flag_rate,
-        uncertainty_threshold=float(np.quantile(unc, 1.0 - false_flag_rate)),
+        uncertainty_threshold=float(
+            np.quantile(unc, 1.0 - (false_flag_rate if uncertain_flag_rate is None else uncertain_flag_rate))
+        ),
         info=meta,
         centre_sigma=centre_sigma,
     )

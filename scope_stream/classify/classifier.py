@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
@@ -15,10 +16,13 @@ from scope_stream.vocabulary import CellCall
 
 from .anomaly import AnomalyCalibration, relative_score
 from .calibration import Calibration, softmax_neg
-from .data import check_crops, resize_crops, to_model_input
+from .data import check_crops, model_crops, resize_crops, to_model_input
 from .features import FEATURE_BANK, FeatureBank, FeatureProbe, ProbeResult, probe_cells
-from .model import CALIBRATION, ModelError, alphas_cumprod, load_unet, model_id_of, pick_device
+from .model import CALIBRATION, ModelError, alphas_cumprod, canonical_of, load_unet, model_id_of, pick_device
 from .procedures import Denoiser, FastPlan, ProcResult, ReferenceParams, classify_fast, classify_reference
+
+if TYPE_CHECKING:
+    from .canonical import CanonicalSpec
 
 __all__ = ["DEFAULT_MODEL_DIR", "PRECISIONS", "DiffusionClassifier", "Scores"]
 
@@ -74,6 +78,8 @@ class DiffusionClassifier:
         self.unet, self.spec = load_unet(self.model_dir, self.device)
         self.classes: list[str] = list(self.spec.classes)
         self.image_size: int = self.spec.image_size
+        #: the canonical-crop spec every raw crop goes through (None: plain resizing, older models)
+        self.canonical: CanonicalSpec | None = canonical_of(self.spec.canonical, self.model_dir)
         self.model_id: str = model_id_of(self.model_dir)
         self.calibration: Calibration | None = None
         cal_path = self.model_dir / CALIBRATION
@@ -112,6 +118,16 @@ class DiffusionClassifier:
             raise ModelError(f"model directory {model_dir} not found")
         return cls(model_dir, device, max_batch=max_batch, precision=precision)
 
+    def flag_thresholds(self) -> dict[str, float] | None:
+        """The flag thresholds this model's calibration ships (``calibration.json`` → ``flags``), or None
+        where there are none it can vouch for: an uncalibrated model, or one calibrated before
+        temperatures were fitted on cells that did not choose the plan (its uncertainty threshold was
+        degenerate)."""
+        cal = self.calibration
+        if cal is None or "n_temperature_cells" not in cal.info:
+            return None
+        return {"anomaly_threshold": cal.anomaly_threshold, "uncertainty_threshold": cal.uncertainty_threshold}
+
     @property
     def fast_plan(self) -> FastPlan:
         if self.calibration is not None:
@@ -131,8 +147,14 @@ class DiffusionClassifier:
         return self.calibration.fast_anomaly if procedure == "fast" else self.calibration.reference_anomaly
 
     # ------------------------------------------------------------------ work
+    def model_crops(self, crops: np.ndarray | Sequence[np.ndarray], um_per_px: float | None = None) -> np.ndarray:
+        """Raw cell crops (an ``(N, H, W, 3)`` array or a list of crops of any size) as the model's input
+        images: canonical crops when the model has a canonical spec (a crop without a cell raises
+        :class:`~.canonical.NoCellError` naming it), else the crops resized."""
+        return model_crops(crops, self.image_size, self.canonical, um_per_px)
+
     def prepare(self, crops: np.ndarray) -> Any:
-        """Validate, resize and convert crops ``(N, H, W, 3)`` to model input on the device."""
+        """Validate, resize and convert model-input images ``(N, H, W, 3)`` to model input on the device."""
         arr = resize_crops(check_crops(crops), self.image_size)
         x = to_model_input(arr, self.device)
         if self.vae is None:
@@ -177,15 +199,27 @@ class DiffusionClassifier:
         res = self.probe_with(probe, x0, order[:, 0], runner_up)
         return self.feature_bank.distance(res.features), res.pair_gap, res.evaluations_per_cell
 
-    def score(self, crops: np.ndarray, procedure: Procedure = "fast", chunk: int = 128) -> Scores:
+    def score(
+        self,
+        crops: np.ndarray | Sequence[np.ndarray],
+        procedure: Procedure = "fast",
+        chunk: int = 128,
+        *,
+        canonical: bool = True,
+        um_per_px: float | None = None,
+    ) -> Scores:
         """Classify crops and return every per-cell quantity as arrays.
+
+        Raw crops go through :meth:`model_crops` first; ``canonical=False`` when they already are the
+        model's input images (e.g. a :class:`~.data.CropSet` loaded with the model's canonical spec).
 
         With a feature bank, each cell also gets one UNet evaluation per probe level, conditioned on
         its predicted class, for the feature-distance anomaly score, and one more per level for the
         runner-up class when the probe measures the paired gap (counted in ``evaluations``).
         """
         t0 = time.perf_counter()
-        x0 = self.prepare(crops)
+        images = self.model_crops(crops, um_per_px) if canonical else np.asarray(crops)
+        x0 = self.prepare(images)
         parts = [self.run(x0[i : i + chunk], procedure) for i in range(0, x0.shape[0], chunk)]
         scores = np.concatenate([p.scores for p in parts]) if parts else np.zeros((0, len(self.classes)))
         evals = np.concatenate([p.evaluations for p in parts]) if parts else np.zeros(0, dtype=np.int64)

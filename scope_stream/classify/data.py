@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Collection, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -21,13 +21,18 @@ from scope_stream.datasets import DatasetError, LabelledImage, read_labels_csv
 if TYPE_CHECKING:
     import torch
 
+    from .canonical import CanonicalSpec
+
 __all__ = [
     "CropSet",
     "augment",
     "gaussian_blur",
+    "hed_perturb",
     "holdout_mask",
     "load_crops",
+    "model_crops",
     "resize_crops",
+    "rotate_zoom",
     "to_model_input",
 ]
 
@@ -39,13 +44,16 @@ class CropSet:
     images: np.ndarray
     labels: list[str]
     paths: list[Path]
+    #: crops left out because no cell was found in them (canonical crops only): path -> reason
+    refused: dict[str, str] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def subset(self, mask: np.ndarray | Sequence[int]) -> CropSet:
         idx = np.flatnonzero(mask) if np.asarray(mask).dtype == bool else np.asarray(mask, dtype=int)
-        return CropSet(self.images[idx], [self.labels[i] for i in idx], [self.paths[i] for i in idx])
+        labels, paths = [self.labels[i] for i in idx], [self.paths[i] for i in idx]
+        return CropSet(self.images[idx], labels, paths, dict(self.refused))
 
     def label_indices(self, classes: list[str]) -> np.ndarray:
         """Index of each label in ``classes``; -1 for labels the list does not hold."""
@@ -67,6 +75,28 @@ def resize_crops(crops: np.ndarray, size: int) -> np.ndarray:
     for i in range(arr.shape[0]):
         out[i] = np.asarray(Image.fromarray(arr[i]).resize((size, size), Image.Resampling.BICUBIC, reducing_gap=2.0))
     return out
+
+
+def model_crops(
+    crops: np.ndarray | Sequence[np.ndarray],
+    size: int,
+    canonical: CanonicalSpec | None,
+    um_per_px: float | None = None,
+) -> np.ndarray:
+    """Raw cell crops (an ``(N, H, W, 3)`` array or a list of crops of any size) as ``(N, size, size, 3)``
+    uint8 model input: canonical crops with ``canonical`` (a crop without a cell raises
+    :class:`~.canonical.NoCellError` naming its index), else each crop resized whole."""
+    if canonical is not None:
+        from .canonical import canonical_batch
+
+        if canonical.size != size:
+            raise ValueError(f"canonical crops of {canonical.size} px do not fit a {size} px model")
+        return canonical_batch(crops, canonical, um_per_px=um_per_px, on_error="raise").images
+    if isinstance(crops, np.ndarray):
+        return resize_crops(check_crops(crops), size)
+    if len(crops) == 0:
+        return np.zeros((0, size, size, 3), dtype=np.uint8)
+    return np.concatenate([resize_crops(check_crops(np.asarray(c)[None]), size) for c in crops])
 
 
 def check_crops(crops: np.ndarray) -> np.ndarray:
@@ -91,13 +121,13 @@ def check_crops(crops: np.ndarray) -> np.ndarray:
     raise ValueError(f"crops dtype {crops.dtype} is not supported (use uint8)")
 
 
-def _load_one(path: Path, size: int) -> np.ndarray:
+def _load_one(path: Path, size: int | None) -> np.ndarray:
     from PIL import Image
 
     try:
         with Image.open(path) as im:
             rgb = im.convert("RGB")
-            if rgb.size != (size, size):
+            if size is not None and rgb.size != (size, size):
                 rgb = rgb.resize((size, size), Image.Resampling.BICUBIC, reducing_gap=2.0)
             return np.asarray(rgb, dtype=np.uint8)
     except (OSError, ValueError) as exc:
@@ -115,8 +145,13 @@ def load_crops(
     limit_per_class: int | None = None,
     seed: int = 0,
     progress: bool = False,
+    canonical: CanonicalSpec | None = None,
 ) -> CropSet:
     """Read ``folder/labels.csv`` and load its images resized to ``size`` x ``size`` into memory.
+
+    With ``canonical`` every image is read at its own size and made a canonical cell crop of
+    ``canonical.size`` (found, centred, scaled, colour-normalised); crops in which no cell is found
+    are left out and listed in the result's ``refused``.
 
     ``split`` keeps one split; ``classes`` keeps only those labels; ``exclude`` drops labels;
     ``exclude_paths`` drops images (``str`` of their paths, e.g. a run's held-out cells);
@@ -144,6 +179,8 @@ def load_crops(
             rows.extend(items[i] for i in sorted(pick))
     if not rows:
         raise DatasetError(f"no images left in {folder} after filtering (split={split}, classes={classes})")
+    if canonical is not None:
+        return _load_canonical(Path(folder), rows, canonical, progress)
     images = np.empty((len(rows), size, size, 3), dtype=np.uint8)
     if progress:
         from rich.progress import track
@@ -154,6 +191,102 @@ def load_crops(
     for i in it:
         images[i] = _load_one(rows[i].path, size)
     return CropSet(images, [r.label for r in rows], [r.path for r in rows])
+
+
+#: environment variable naming a folder where canonical crops are cached (one file per spec; see CropCache)
+CROP_CACHE_ENV = "SCOPE_STREAM_CROP_CACHE"
+
+
+class CropCache:
+    """Canonical crops of one data folder and spec, by image path relative to the folder, in one ``.npz``.
+
+    Making 14,000 crops canonical takes a minute or two; training, calibration and evaluation read the
+    same cells again and again. The cache lives where ``$SCOPE_STREAM_CROP_CACHE`` points (off when
+    unset), keyed by the spec and the folder's name; refused crops are remembered with their reason.
+    A machine without the images can read the cells from a cache file made elsewhere.
+    """
+
+    def __init__(self, cache_dir: Path, folder: Path, spec: CanonicalSpec) -> None:
+        import json
+
+        key = hashlib.sha256(json.dumps(spec.to_json(), sort_keys=True).encode()).hexdigest()[:12]
+        self.path = Path(cache_dir) / f"crops-{Path(folder).resolve().name}-{key}.npz"
+        self.folder = Path(folder).resolve()
+        self.images: dict[str, np.ndarray] = {}
+        self.refused: dict[str, str] = {}
+        if self.path.is_file():
+            with np.load(self.path, allow_pickle=False) as z:
+                self.images = dict(zip([str(p) for p in z["paths"]], z["images"], strict=True))
+                self.refused = dict(
+                    zip([str(p) for p in z["refused_paths"]], [str(r) for r in z["reasons"]], strict=True)
+                )
+
+    def key(self, path: Path) -> str:
+        try:
+            return Path(path).resolve().relative_to(self.folder).as_posix()
+        except ValueError:
+            return Path(path).resolve().as_posix()
+
+    def save(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp.npz")
+        paths = sorted(self.images)
+        size = next(iter(self.images.values())).shape if self.images else (0, 0, 3)
+        np.savez(
+            tmp,
+            paths=np.array(paths, dtype=str),
+            images=np.stack([self.images[p] for p in paths]) if paths else np.zeros((0, *size), np.uint8),
+            refused_paths=np.array(sorted(self.refused), dtype=str),
+            reasons=np.array([self.refused[p] for p in sorted(self.refused)], dtype=str),
+        )
+        tmp.replace(self.path)
+
+
+def _load_canonical(folder: Path, rows: list[LabelledImage], spec: CanonicalSpec, progress: bool) -> CropSet:
+    import os
+
+    from .canonical import canonical_batch
+
+    cache_dir = os.environ.get(CROP_CACHE_ENV)
+    cache = CropCache(Path(cache_dir), folder, spec) if cache_dir else None
+    todo = list(range(len(rows)))
+    if cache is not None:
+        todo = [
+            i
+            for i, r in enumerate(rows)
+            if cache.key(r.path) not in cache.images and cache.key(r.path) not in cache.refused
+        ]
+    made: dict[int, np.ndarray] = {}
+    refused: dict[str, str] = {}
+    if todo:
+        raw = [_load_one(rows[i].path, None) for i in todo]
+        cpus = os.cpu_count() or 1
+        procs = min(16, cpus) if len(raw) >= 2000 and cpus > 2 else 0
+        batch = canonical_batch(raw, spec, on_error="skip", progress=progress, processes=procs)
+        for j, img in zip(batch.kept, batch.images, strict=True):
+            made[todo[int(j)]] = img
+        for j, reason in batch.errors.items():
+            refused[str(rows[todo[j]].path)] = reason
+        if cache is not None:
+            for i, img in made.items():
+                cache.images[cache.key(rows[i].path)] = img
+            for j, reason in batch.errors.items():
+                cache.refused[cache.key(rows[todo[j]].path)] = reason
+            cache.save()
+    images: list[np.ndarray] = []
+    kept: list[int] = []
+    for i, r in enumerate(rows):
+        if i in made:
+            images.append(made[i])
+            kept.append(i)
+        elif cache is not None and cache.key(r.path) in cache.images:
+            images.append(cache.images[cache.key(r.path)])
+            kept.append(i)
+        elif cache is not None and cache.key(r.path) in cache.refused:
+            refused[str(r.path)] = cache.refused[cache.key(r.path)]
+    if not kept:
+        raise DatasetError(f"no cell was found in any of the {len(rows)} crops ({next(iter(refused.values()))})")
+    return CropSet(np.stack(images), [rows[i].label for i in kept], [rows[i].path for i in kept], refused)
 
 
 def holdout_mask(paths: Sequence[Path], labels: Sequence[str], fraction: float, seed: int = 0) -> np.ndarray:
@@ -194,6 +327,10 @@ def augment(
     blur_sigma_max: float = 0.0,
     blur_probability: float = 0.5,
     gain_jitter: float = 0.0,
+    rotate: bool = False,
+    scale_jitter: float = 0.0,
+    hed_jitter: float = 0.0,
+    noise_std: float = 0.0,
 ) -> torch.Tensor:
     """Smear-appropriate augmentation of a ``(B, 3, S, S)`` batch in [-1, 1].
 
@@ -206,11 +343,29 @@ def augment(
     uniformly from ``[0, blur_sigma_max]`` pixels (focus, objective and resampling soften a cell seen
     through a microscope rather than in a dataset crop), and ``gain_jitter`` scales the transmitted
     light of each image by a factor in ``[1 - gain_jitter, 1 + gain_jitter]`` (lamp and exposure).
+
+    Robustness to other microscopes (all off by default, drawing nothing when off; order: geometry,
+    stain, colour jitter, gain, blur, noise):
+
+    * ``rotate``: a rotation by an angle uniform in [0, 360) degrees (CytoDiffusion rotates fully);
+      ``scale_jitter``: a zoom by ``exp(U(-s, s))`` about the centre (the canonical crop's diameter
+      estimate is off by a few percent). Both in one bilinear resampling; pixels from outside the crop
+      repeat its border, which on a canonical crop is the flat canonical background.
+    * ``hed_jitter``: stain perturbation in haematoxylin-eosin-DAB optical density (the published HED
+      augmentation): each stain's concentration scaled by ``1 + U(-j, j)`` and shifted by
+      ``U(-j, j) / 5`` per image.
+    * ``noise_std``: camera noise, Gaussian with a standard deviation of ``noise_std`` (in [-1, 1]
+      units) at white, growing as the square root of the light (shot noise).
     """
     import torch
 
     if x.ndim != 4 or x.shape[1] != 3:
         raise ValueError(f"augment expects a (B, 3, S, S) batch, got shape {tuple(x.shape)}")
+    if min(scale_jitter, hed_jitter, noise_std) < 0:
+        raise ValueError(
+            f"augment: scale_jitter ({scale_jitter}), hed_jitter ({hed_jitter}) and noise_std ({noise_std}) "
+            "must be >= 0"
+        )
     if blur_sigma_max < 0 or gain_jitter < 0 or not 0 <= blur_probability <= 1:
         raise ValueError(
             f"augment: blur_sigma_max ({blur_sigma_max}) and gain_jitter ({gain_jitter}) must be >= 0 "
@@ -228,6 +383,12 @@ def augment(
     x = torch.where(flip_v[:, None, None, None], x.flip(2), x)
     rot = rnd(b) < 0.5  # with both flips this covers the 8 symmetries of the square
     x = torch.where(rot[:, None, None, None], x.transpose(2, 3), x)
+    if rotate or scale_jitter > 0:
+        angle = rnd(b) * (2 * math.pi) if rotate else torch.zeros(b, device=dev)
+        zoom = torch.exp((rnd(b) * 2 - 1) * scale_jitter) if scale_jitter > 0 else torch.ones(b, device=dev)
+        x = rotate_zoom(x, angle, zoom)
+    if hed_jitter > 0:
+        x = hed_perturb(x, 1 + (rnd(b, 3) * 2 - 1) * hed_jitter, (rnd(b, 3) * 2 - 1) * hed_jitter / 5)
     if jitter > 0:
         bright = (rnd(b, 1, 1, 1) * 2 - 1) * jitter
         contrast = 1 + (rnd(b, 1, 1, 1) * 2 - 1) * jitter
@@ -243,7 +404,56 @@ def augment(
     if blur_sigma_max > 0:
         sigma = rnd(b) * blur_sigma_max * (rnd(b) < blur_probability).float()
         x = gaussian_blur(x, sigma)
+    if noise_std > 0:
+        light = ((x + 1) / 2).clamp_min(0)
+        noise = torch.randn(x.shape, generator=generator, device="cpu").to(dev)
+        x = (x + noise * noise_std * light.sqrt()).clamp(-1, 1)
     return x
+
+
+def rotate_zoom(x: torch.Tensor, angle: torch.Tensor, zoom: torch.Tensor) -> torch.Tensor:
+    """Rotate each image of ``(B, C, H, W)`` by ``angle[b]`` radians and magnify it by ``zoom[b]`` about the
+    centre (bilinear; outside the source, its border pixels repeat)."""
+    import torch
+    import torch.nn.functional as F
+
+    b = x.shape[0]
+    if angle.shape != (b,) or zoom.shape != (b,):
+        raise ValueError(f"rotate_zoom: one angle and one zoom per image expected for {b} images")
+    if bool((zoom <= 0).any()):
+        raise ValueError("rotate_zoom: zoom factors must be > 0")
+    cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
+    zero = torch.zeros_like(cos)
+    theta = torch.stack([torch.stack([cos, -sin, zero], 1), torch.stack([sin, cos, zero], 1)], 1).to(x.dtype)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+#: RGB -> haematoxylin, eosin, DAB optical-density stain matrix (Ruifrok & Johnston; scikit-image's hed_from_rgb)
+_RGB_FROM_HED = (
+    (0.65, 0.70, 0.29),
+    (0.07, 0.99, 0.11),
+    (0.27, 0.57, 0.78),
+)
+
+
+def hed_perturb(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """Scale and shift each image's haematoxylin, eosin and DAB concentrations (``scale``/``shift``:
+    ``(B, 3)``) in optical density, as stain differences between labs do; a batch in [-1, 1]."""
+    import torch
+
+    b = x.shape[0]
+    if scale.shape != (b, 3) or shift.shape != (b, 3):
+        raise ValueError(f"hed_perturb: scale and shift must be ({b}, 3)")
+    rgb_from_hed = torch.tensor(_RGB_FROM_HED, dtype=torch.float32, device=x.device)
+    rgb_from_hed = rgb_from_hed / rgb_from_hed.norm(dim=1, keepdim=True)
+    hed_from_rgb = torch.linalg.inv(rgb_from_hed)
+    light = ((x.float() + 1) / 2).clamp(1 / 255, 1)  # (B, 3, H, W) transmitted light
+    od = -torch.log(light)
+    conc = torch.einsum("bchw,cs->bshw", od, hed_from_rgb)
+    conc = conc * scale.to(x.device)[:, :, None, None] + shift.to(x.device)[:, :, None, None]
+    od2 = torch.einsum("bshw,sc->bchw", conc, rgb_from_hed).clamp_min(0)
+    return (torch.exp(-od2) * 2 - 1).clamp(-1, 1).to(x.dtype)
 
 
 def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:

@@ -6,14 +6,14 @@ import copy
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from .anomaly import AnomalyCalibration
 from .calibration import CANDIDATE_TIMESTEPS, Calibration, fit_calibration
 from .classifier import DiffusionClassifier, Procedure, Scores
-from .data import CropSet, load_crops, resize_crops
+from .data import CropSet, holdout_mask, load_crops, model_crops
 from .features import FEATURE_BANK, FeatureBank, FeatureProbe
 from .metrics import (
     auroc,
@@ -26,11 +26,27 @@ from .metrics import (
 from .model import CALIBRATION
 from .procedures import collect_errors, level_noises
 
+if TYPE_CHECKING:
+    from .canonical import CanonicalSpec
+
 __all__ = ["calibrate", "evaluate_scores", "holdout_set", "metrics_report", "training_set"]
 
 
-def holdout_set(run_dir: Path, size: int, limit_per_class: int | None = None, seed: int = 0) -> CropSet:
-    """The training cells a run held out (``holdout.json``), loaded at ``size``."""
+def holdout_set(
+    run_dir: Path,
+    size: int,
+    limit_per_class: int | None = None,
+    seed: int = 0,
+    *,
+    canonical: CanonicalSpec | None = None,
+    shift: str | None = None,
+) -> CropSet:
+    """The training cells a run held out (``holdout.json``), loaded at ``size``.
+
+    ``canonical``: as canonical crops (cells in which none is found are left out, listed in
+    ``refused``). ``shift``: re-rendered first by that simulated shift of :mod:`.shifts` (seeded), i.e.
+    as another microscope might show them.
+    """
     from PIL import Image
 
     info = json.loads((Path(run_dir) / "holdout.json").read_text(encoding="utf-8"))
@@ -51,12 +67,30 @@ def holdout_set(run_dir: Path, size: int, limit_per_class: int | None = None, se
             own = idx[np.array(labels) == lab]
             keep.extend(sorted(rng.permutation(own)[:limit_per_class].tolist()))
         idx = np.array(keep)
-    imgs = np.stack([np.asarray(Image.open(paths[i]).convert("RGB")) for i in idx])
-    return CropSet(resize_crops(imgs, size), [labels[i] for i in idx], [paths[i] for i in idx])
+    raw = [np.asarray(Image.open(paths[i]).convert("RGB")) for i in idx]
+    if shift is not None:
+        from .shifts import apply_shift
+
+        raw = apply_shift(shift, raw, seed)
+    labs, kept_paths = [labels[i] for i in idx], [paths[i] for i in idx]
+    if canonical is None:
+        return CropSet(model_crops(raw, size, None), labs, kept_paths)
+    from .canonical import canonical_batch
+
+    batch = canonical_batch(raw, canonical, on_error="skip")
+    kept = [int(i) for i in batch.kept]
+    refused = {str(kept_paths[i]): reason for i, reason in batch.errors.items()}
+    return CropSet(batch.images, [labs[i] for i in kept], [kept_paths[i] for i in kept], refused)
 
 
 def training_set(
-    run_dir: Path, size: int, classes: list[str], limit_per_class: int | None = None, seed: int = 0
+    run_dir: Path,
+    size: int,
+    classes: list[str],
+    limit_per_class: int | None = None,
+    seed: int = 0,
+    *,
+    canonical: CanonicalSpec | None = None,
 ) -> CropSet:
     """The cells a run trained on (its data folder and split, minus ``holdout.json``), of ``classes``."""
     info = json.loads((Path(run_dir) / "holdout.json").read_text(encoding="utf-8"))
@@ -70,6 +104,7 @@ def training_set(
         exclude_paths=held,
         limit_per_class=limit_per_class,
         seed=seed,
+        canonical=canonical,
     )
 
 
@@ -80,14 +115,23 @@ def calibrate(
     timesteps: tuple[int, ...] = CANDIDATE_TIMESTEPS,
     noises_per_timestep: int = 2,
     false_flag_rate: float = 0.05,
+    uncertain_flag_rate: float | None = None,
     write: bool = True,
     info: dict[str, Any] | None = None,
     centre_sigma: float = 0.0,
     bank_cells: CropSet | None = None,
     probe: FeatureProbe | None = None,
     combine: tuple[str, ...] = (),
+    temperature_share: float = 0.0,
+    shifted_cells: CropSet | None = None,
 ) -> dict[str, Any]:
     """Fit the calibration of ``clf`` on labelled normal ``cells`` and write ``calibration.json``.
+
+    Honest temperatures: ``temperature_share`` of each class's cells (chosen by a seeded hash of their
+    paths) are kept out of choosing the fast plan and fit the temperatures alone, together with
+    ``shifted_cells`` (shifted copies of those cells, as other microscopes show them); see
+    :func:`.calibration.fit_calibration`. 0: everything on all cells (a temperature on its search bound
+    is still refused).
 
     ``centre_sigma``: weight the denoising error towards the crop centre (see ``Denoiser``); from
     then on ``clf`` and every later load of the model classify with that weighting.
@@ -105,6 +149,25 @@ def calibrate(
     x0 = clf.prepare(cells.images)
     noise = level_noises(cand_seed, tuple(x0.shape[1:]))
     errors = collect_errors(clf.denoiser, x0, len(clf.classes), cand_t, noise)
+    tmask = None
+    shifted = None
+    if temperature_share > 0:
+        if not 0 < temperature_share < 1:
+            raise ValueError(f"temperature_share must lie in (0, 1), got {temperature_share}")
+        tmask = holdout_mask(cells.paths, cells.labels, temperature_share, seed=17)
+    if shifted_cells is not None:
+        if tmask is None:
+            raise ValueError("shifted calibration cells need a temperature_share > 0 (they fit the temperature)")
+        temp_paths = {str(p) for p, m in zip(cells.paths, tmask, strict=True) if m}
+        use = [i for i, p in enumerate(shifted_cells.paths) if str(p) in temp_paths]
+        if not use:
+            raise ValueError("none of the shifted cells is a copy of a temperature cell")
+        sub = shifted_cells.subset(use)
+        sx = clf.prepare(sub.images)
+        shifted = (
+            collect_errors(clf.denoiser, sx, len(clf.classes), cand_t, noise),
+            _known_labels(sub, clf.classes, "shifted calibration cells"),
+        )
     meta = {"seconds_collecting_errors": time.perf_counter() - t0, **(info or {})}
     cal = fit_calibration(
         errors,
@@ -113,8 +176,11 @@ def calibrate(
         cand_seed,
         num_train_timesteps=clf.spec.num_train_timesteps,
         false_flag_rate=false_flag_rate,
+        uncertain_flag_rate=uncertain_flag_rate,
         info=meta,
         centre_sigma=centre_sigma,
+        temperature_cells=tmask,
+        shifted=shifted,
     )
     clf.calibration = cal
     clf.feature_bank = None
@@ -278,12 +344,19 @@ def evaluate_scores(
     procedure: Procedure = "fast",
     png: Path | None = None,
 ) -> tuple[dict[str, Any], Scores]:
-    s = clf.score(cells.images, procedure)
+    s = clf.score(cells.images, procedure, canonical=False)
     rep = metrics_report(clf.classes, cells.labels, s, anomaly_classes, png, f"{clf.model_id} ({procedure})")
     rep["procedure"] = procedure
     rep["model_id"] = clf.model_id
     return rep, s
 
 
-def load_eval_cells(data: Path, size: int, split: str | None, limit_per_class: int | None, seed: int = 0) -> CropSet:
-    return load_crops(data, size, split=split, limit_per_class=limit_per_class, seed=seed)
+def load_eval_cells(
+    data: Path,
+    size: int,
+    split: str | None,
+    limit_per_class: int | None,
+    seed: int = 0,
+    canonical: CanonicalSpec | None = None,
+) -> CropSet:
+    return load_crops(data, size, split=split, limit_per_class=limit_per_class, seed=seed, canonical=canonical)

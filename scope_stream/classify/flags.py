@@ -12,16 +12,18 @@ def flag_call(cell: Cell, call: CellCall, cfg: FlagConfig) -> Flag | None:
     """A :class:`Flag` when the call is anomalous, uncertain or of an abnormal class; else ``None``.
 
     ``score`` is the largest of the anomaly score, the uncertainty and (for an abnormal class) the
-    class probability, so flags sort by how strongly they fired.
+    class probability, so flags sort by how strongly they fired. Unset thresholds of ``cfg`` are the
+    fallbacks: resolve the config against the model first (:meth:`FlagConfig.resolved`,
+    :meth:`DiffusionClassifier.flag_thresholds`).
     """
     if call.cell_id != cell.cell_id:
         raise ValueError(f"call is for cell {call.cell_id!r}, not {cell.cell_id!r}")
     reasons: list[FlagReason] = []
     scores: list[float] = []
-    if call.anomaly_score >= cfg.anomaly_threshold:
+    if call.anomaly_score >= cfg.anomaly:
         reasons.append(FlagReason.ANOMALY)
         scores.append(call.anomaly_score)
-    if call.uncertainty >= cfg.uncertainty_threshold:
+    if call.uncertainty >= cfg.uncertainty:
         reasons.append(FlagReason.UNCERTAIN)
         scores.append(call.uncertainty)
     if call.label in set(cfg.abnormal_classes):

@@ -16,11 +16,14 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import torch
 
+    from .canonical import CanonicalSpec
+
 __all__ = [
     "ModelError",
     "ModelSpec",
     "alphas_cumprod",
     "build_unet",
+    "canonical_of",
     "load_unet",
     "model_id_of",
     "pick_device",
@@ -52,6 +55,8 @@ class ModelSpec:
     name: str = "cytodiffusion"
     latent_channels: int = 0  # 0: pixel space; else the UNet works on autoencoder latents (latent variant)
     latent_size: int = 0
+    #: the canonical-crop spec (``CanonicalSpec.to_json()``) every input goes through; None: plain resizing
+    canonical: dict[str, Any] | None = None
 
     @property
     def sample_channels(self) -> int:
@@ -177,6 +182,18 @@ def load_unet(model_dir: Path, device: str = "cpu") -> tuple[Any, ModelSpec]:
     unet.to(device).eval()
     unet.requires_grad_(False)
     return unet, spec
+
+
+def canonical_of(data: dict[str, Any] | None, model_dir: Path) -> CanonicalSpec | None:
+    """The canonical-crop spec a model's config holds (None: the model resizes whole crops)."""
+    if data is None:
+        return None
+    from .canonical import CanonicalSpec
+
+    try:
+        return CanonicalSpec.from_json(data)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ModelError(f"{Path(model_dir) / CONFIG}: bad canonical crop spec: {exc}") from exc
 
 
 def model_id_of(model_dir: Path) -> str:

@@ -22,11 +22,15 @@ __all__ = ["make_tiny_model", "tiny_train_config", "toy_crops", "write_toy_folde
 _COLOURS = [(90, 40, 140), (220, 120, 160), (60, 120, 200), (200, 160, 60), (60, 160, 90), (150, 60, 60)]
 
 
-def toy_crops(n: int, n_classes: int, size: int = 16, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def toy_crops(
+    n: int, n_classes: int, size: int = 16, seed: int = 0, ambiguous: float = 0.0
+) -> tuple[np.ndarray, np.ndarray]:
     """``n`` synthetic crops ``(n, size, size, 3)`` uint8 and their class indices.
 
     Class k is a disk of its own colour and radius on a pale background, with position jitter and
-    pixel noise, so classes differ clearly but no two crops are the same.
+    pixel noise, so classes differ clearly but no two crops are the same. ``ambiguous``: that share of
+    crops is painted half-way to the next class's colour and size (mixing weight U(0.3, 0.7)), so that a model
+    calls some of them wrong, as real cells are (a temperature needs some errors to be fitted).
     """
     rng = np.random.default_rng(seed)
     labels = np.arange(n) % n_classes
@@ -36,10 +40,16 @@ def toy_crops(n: int, n_classes: int, size: int = 16, seed: int = 0) -> tuple[np
     for i, k in enumerate(labels):
         cy, cx = size / 2 + rng.normal(0, size * 0.04, 2)
         r = size * (0.22 + 0.08 * (k % 3))
+        colour = np.asarray(_COLOURS[k % len(_COLOURS)], dtype=np.float64)
+        if ambiguous > 0 and rng.random() < ambiguous:
+            mix = rng.uniform(0.3, 0.7)
+            other = (k + 1) % n_classes
+            colour = (1 - mix) * colour + mix * np.asarray(_COLOURS[other % len(_COLOURS)])
+            r = (1 - mix) * r + mix * size * (0.22 + 0.08 * (other % 3))
         disk = ((yy - cy) ** 2 + (xx - cx) ** 2) <= r**2
         img = np.empty((size, size, 3))
         img[:] = (235, 225, 230)
-        img[disk] = _COLOURS[k % len(_COLOURS)]
+        img[disk] = colour
         if k >= len(_COLOURS) // 2:  # ring: a pale core
             core = ((yy - cy) ** 2 + (xx - cx) ** 2) <= (r * 0.5) ** 2
             img[core] = (235, 225, 230)
@@ -49,14 +59,20 @@ def toy_crops(n: int, n_classes: int, size: int = 16, seed: int = 0) -> tuple[np
 
 
 def write_toy_folder(
-    folder: Path, classes: list[str], per_class: int = 40, size: int = 16, seed: int = 0, split: str = "train"
+    folder: Path,
+    classes: list[str],
+    per_class: int = 40,
+    size: int = 16,
+    seed: int = 0,
+    split: str = "train",
+    ambiguous: float = 0.0,
 ) -> Path:
-    """Write toy crops as PNGs plus ``labels.csv`` (path,label,split) into ``folder``."""
+    """Write toy crops as PNGs plus ``labels.csv`` (path,label,split) into ``folder`` (see :func:`toy_crops`)."""
     from PIL import Image
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    imgs, labels = toy_crops(per_class * len(classes), len(classes), size, seed)
+    imgs, labels = toy_crops(per_class * len(classes), len(classes), size, seed, ambiguous)
     rows: list[tuple[str, ...]] = []
     for i, (img, k) in enumerate(zip(imgs, labels, strict=True)):
         rel = Path("images") / classes[k] / f"{split}_{i:05d}.png"
@@ -124,7 +140,7 @@ def make_tiny_model(
 
     classes = list(classes) if classes is not None else ["lymphocyte", "neutrophil"]
     out_dir = Path(out_dir)
-    data = write_toy_folder(out_dir / "data", classes, per_class=40, size=image_size, seed=seed)
+    data = write_toy_folder(out_dir / "data", classes, per_class=40, size=image_size, seed=seed, ambiguous=0.25)
     cfg = tiny_train_config(
         data,
         out_dir / "run",
@@ -154,6 +170,7 @@ def make_tiny_model(
         bank_cells=bank,
         probe=FeatureProbe(layer="up0", timesteps=[300], noise_seeds=[1], k=3),
         combine=("gap", "feature") if feature_bank else (),
+        temperature_share=0.5,
     )
     (model_dir / "MODEL_CARD.md").write_text(
         f"# tiny test model\n\nToy classes {classes}; {steps} steps; for tests only.\n", encoding="utf-8"

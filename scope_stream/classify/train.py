@@ -21,7 +21,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -31,7 +31,18 @@ from scope_stream.datasets import pbc_root
 from .data import CropSet, augment, holdout_mask, load_crops, to_model_input
 from .model import ModelSpec, alphas_cumprod, build_unet, pick_device, save_unet
 
-__all__ = ["TrainResult", "lr_at", "prepare_training", "spec_from_config", "train_diffusion"]
+if TYPE_CHECKING:
+    from .canonical import CanonicalSpec
+
+__all__ = [
+    "TrainResult",
+    "canonical_spec",
+    "jpeg_copies",
+    "lr_at",
+    "prepare_training",
+    "spec_from_config",
+    "train_diffusion",
+]
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +64,18 @@ def spec_from_config(cfg: TrainConfig, classes: list[str], latent: tuple[int, in
         norm_num_groups=cfg.norm_num_groups,
         num_train_timesteps=cfg.num_train_timesteps,
         beta_schedule=cfg.beta_schedule,
+        canonical=canonical_spec(cfg).to_json() if cfg.canonical is not None else None,
     )
+
+
+def canonical_spec(cfg: TrainConfig) -> CanonicalSpec:
+    """The canonical-crop spec of a training config (its ``canonical`` section at ``image_size``)."""
+    from .canonical import CanonicalSpec
+
+    if cfg.canonical is None:
+        raise ValueError("the training config has no 'canonical' section")
+    c = cfg.canonical
+    return CanonicalSpec(size=cfg.image_size, cell_fraction=c.cell_fraction, context=c.context, stain=c.stain)
 
 
 def lr_at(cfg: TrainConfig, step: int, elapsed_s: float) -> float:
@@ -66,6 +88,34 @@ def lr_at(cfg: TrainConfig, step: int, elapsed_s: float) -> float:
     frac = min(1.0, max(0.0, frac))
     lo = cfg.lr * cfg.min_lr_ratio
     return lo + 0.5 * (cfg.lr - lo) * (1 + math.cos(math.pi * frac))
+
+
+def jpeg_copies(images: np.ndarray, seed: int, quality: tuple[int, int] = (30, 90)) -> np.ndarray:
+    """Each crop after a JPEG round trip at a quality drawn uniformly from ``quality`` (made once per run;
+    training swaps a crop for its copy on a ``jpeg_probability`` share of draws)."""
+    import io
+
+    from PIL import Image
+
+    rng = np.random.default_rng([seed, 7])
+    out = np.empty_like(images)
+    for i, img in enumerate(images):
+        buf = io.BytesIO()
+        Image.fromarray(img).save(buf, format="JPEG", quality=int(rng.integers(quality[0], quality[1] + 1)))
+        buf.seek(0)
+        with Image.open(buf) as im:
+            out[i] = np.asarray(im.convert("RGB"))
+    return out
+
+
+def pick_jpeg(images: Any, jpeg: Any, idx: np.ndarray, rng: np.random.Generator, probability: float) -> Any:
+    """The batch ``images[idx]``, each crop swapped for its JPEG copy with ``probability`` (no draw when off)."""
+    if jpeg is None or probability <= 0:
+        return images[idx]
+    import torch
+
+    swap = torch.from_numpy(rng.random(len(idx)) < probability)[:, None, None, None]
+    return torch.where(swap, jpeg[idx], images[idx])
 
 
 def resolve_data(cfg: TrainConfig) -> Path:
@@ -85,7 +135,13 @@ def prepare_training(cfg: TrainConfig, progress: bool = True) -> tuple[str, Path
     device = pick_device(cfg.device)
     data = resolve_data(cfg)
     crops = load_crops(
-        data, cfg.image_size, split=cfg.train_split, classes=cfg.classes, exclude=cfg.exclude_classes, progress=progress
+        data,
+        cfg.image_size,
+        split=cfg.train_split,
+        classes=cfg.classes,
+        exclude=cfg.exclude_classes,
+        progress=progress,
+        canonical=canonical_spec(cfg) if cfg.canonical is not None else None,
     )
     return device, data, crops, holdout_mask(crops.paths, crops.labels, cfg.holdout_fraction, seed=cfg.seed)
 
@@ -147,6 +203,7 @@ def train_diffusion(cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
     train = crops.subset(~hold)
     y_all = train.label_indices(classes)
     images = torch.from_numpy(train.images)  # uint8, kept on CPU; batches move to the device
+    jpeg = torch.from_numpy(jpeg_copies(train.images, cfg.seed)) if cfg.jpeg_probability > 0 else None
     by_class = [np.flatnonzero(y_all == k) for k in range(len(classes))]
 
     vae: Any = None
@@ -256,7 +313,11 @@ def train_diffusion(cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
             else:
                 idx = rng.integers(0, len(train), cfg.batch_size)
             gen = torch.Generator().manual_seed(int(rng.integers(0, 2**62)))
-            x0 = augment(to_model_input(images[idx], device), gen, **cfg.augmentation())
+            x0 = augment(
+                to_model_input(pick_jpeg(images, jpeg, idx, rng, cfg.jpeg_probability), device),
+                gen,
+                **cfg.augmentation(),
+            )
             if vae is not None:
                 with torch.no_grad():
                     x0 = encode(vae, ae_spec, x0, sample=True, generator=gen)

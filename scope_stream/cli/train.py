@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from .app import app, evaluate_app, fail
+
+if TYPE_CHECKING:
+    from scope_stream.classify.data import CropSet
 
 PRECISION_HELP = (
     "UNet arithmetic: auto (bf16 on CUDA, float32 on CPU), fp32 (also TF32 off: GPU scores then match the "
@@ -58,7 +61,23 @@ def calibrate(
     run: Annotated[Path, typer.Option(help="The training run folder holding holdout.json.")],
     per_class: Annotated[int, typer.Option(help="At most this many held-out cells per class.")] = 50,
     noises: Annotated[int, typer.Option(help="Candidate noises per candidate timestep.")] = 2,
-    false_flag_rate: Annotated[float, typer.Option(help="Flag thresholds at this rate on normal cells.")] = 0.05,
+    false_flag_rate: Annotated[
+        float,
+        typer.Option(
+            help="The anomaly flag threshold the model ships flags this share of normal held-out cells (0.15: "
+            "a screening operating point, 0.85).",
+            min=0.001,
+            max=0.5,
+        ),
+    ] = 0.15,
+    uncertain_flag_rate: Annotated[
+        float,
+        typer.Option(
+            help="The uncertainty flag threshold the model ships flags this share of the temperature cells.",
+            min=0.001,
+            max=0.5,
+        ),
+    ] = 0.05,
     centre_sigma: Annotated[
         float,
         typer.Option(
@@ -103,6 +122,23 @@ def calibrate(
             "model: its fast plan and temperatures stay, so no classification changes."
         ),
     ] = False,
+    temperature_share: Annotated[
+        float,
+        typer.Option(
+            help="Share of the held-out cells kept out of choosing the fast plan: the temperatures are fitted "
+            "on them alone (and their shifted copies), so the probabilities hold for cells the plan never saw.",
+            min=0.0,
+            max=0.9,
+        ),
+    ] = 0.5,
+    shifted: Annotated[
+        str,
+        typer.Option(
+            help="Comma-separated simulated shifts (scope_stream.classify.shifts) whose copies of the "
+            "temperature cells join the temperature fit, so the probabilities hold on other microscopes "
+            "too. Empty: none."
+        ),
+    ] = "combo",
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     precision: Annotated[str, typer.Option(help=PRECISION_HELP)] = "auto",
 ) -> None:
@@ -131,8 +167,17 @@ def calibrate(
         layer_module(clf.unet, feature_layer)
         if anomaly_only and clf.calibration is None:
             raise ValueError(f"--anomaly-only: {model} is not calibrated yet (run without --anomaly-only first)")
-        cells = holdout_set(run, clf.image_size, per_class)
-        bank = training_set(run, clf.image_size, clf.classes, feature_bank) if feature_bank else None
+        cells = holdout_set(run, clf.image_size, per_class, canonical=clf.canonical)
+        bank = (
+            training_set(run, clf.image_size, clf.classes, feature_bank, canonical=clf.canonical)
+            if feature_bank
+            else None
+        )
+        shifted_cells = None
+        shift_names = _parse_list(shifted) if temperature_share > 0 and not anomaly_only else []
+        for k, name in enumerate(shift_names):
+            part = holdout_set(run, clf.image_size, per_class, seed=k, canonical=clf.canonical, shift=name)
+            shifted_cells = part if shifted_cells is None else _concat(shifted_cells, part)
     except (ModelError, FileNotFoundError, ValueError) as exc:
         raise fail(str(exc)) from exc
     info = {
@@ -148,11 +193,14 @@ def calibrate(
             cells,
             noises_per_timestep=noises,
             false_flag_rate=false_flag_rate,
+            uncertain_flag_rate=uncertain_flag_rate,
             centre_sigma=centre_sigma,
             bank_cells=bank,
             probe=probe,
             combine=parts,
             info=info,
+            temperature_share=temperature_share,
+            shifted_cells=shifted_cells,
         )
     typer.echo(
         json.dumps(
@@ -164,6 +212,14 @@ def calibrate(
             indent=2,
         )
     )
+
+
+def _concat(a: CropSet, b: CropSet) -> CropSet:
+    import numpy as np
+
+    from scope_stream.classify.data import CropSet
+
+    return CropSet(np.concatenate([a.images, b.images]), a.labels + b.labels, a.paths + b.paths, a.refused | b.refused)
 
 
 def _parse_list(text: str | None) -> list[str]:
@@ -202,14 +258,23 @@ def evaluate_classifier(
             if is_cnn_dir(model_dir)
             else DiffusionClassifier.load(model_dir, device, precision)
         )
-        cells = load_crops(data, clf.image_size, split=split, limit_per_class=limit_per_class, progress=True)
+        cells = load_crops(
+            data,
+            clf.image_size,
+            split=split,
+            limit_per_class=limit_per_class,
+            progress=True,
+            canonical=clf.canonical,
+        )
     except (ModelError, DatasetError, FileNotFoundError, ValueError) as exc:
         raise fail(str(exc)) from exc
     from rich.console import Console
 
     console = Console(stderr=True)
     console.print(f"scoring {len(cells)} cells with {clf.model_id} ({procedure}) ...")
-    s = clf.score(cells.images, procedure)  # type: ignore[arg-type]
+    if cells.refused:
+        console.print(f"[yellow]{len(cells.refused)} crops left out: no white cell found in them[/yellow]")
+    s = clf.score(cells.images, procedure, canonical=False)  # type: ignore[arg-type]
     png_path = png if png is not None else json_out.with_suffix(".png")
     rep = metrics_report(
         clf.classes, cells.labels, s, _parse_list(anomaly_classes), png_path, f"{clf.model_id} ({procedure})"
@@ -222,6 +287,9 @@ def evaluate_classifier(
             "data": str(data),
             "split": split,
             "limit_per_class": limit_per_class,
+            "canonical": clf.canonical.to_json() if clf.canonical is not None else None,
+            "n_refused": len(cells.refused),
+            "refused": dict(list(cells.refused.items())[:50]),
         }
     )
     json_out.parent.mkdir(parents=True, exist_ok=True)

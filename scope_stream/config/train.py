@@ -3,11 +3,20 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field
 
 from .base import Section
+
+
+class CanonicalSettings(Section):
+    """How cell crops are made canonical (:class:`scope_stream.classify.canonical.CanonicalSpec`; the
+    output size is the model's ``image_size``)."""
+
+    cell_fraction: float = Field(default=0.62, gt=0.2, lt=1.0)  # the cell's diameter as a share of the crop
+    context: Literal["keep", "mask"] = "mask"  # mask: outside the cell becomes the canonical background
+    stain: Literal["none", "white", "macenko"] = "white"  # white: background white balance
 
 
 class TrainConfig(Section):
@@ -57,6 +66,18 @@ class TrainConfig(Section):
     blur_sigma_max: float = Field(default=0.0, ge=0, le=4)
     blur_probability: float = Field(default=0.5, ge=0, le=1)
     gain_jitter: float = Field(default=0.0, ge=0, le=0.5)
+    # robustness to other microscopes (off by default): full rotation, zoom by exp(U(-s, s)), stain
+    # perturbation in HED optical density, camera noise at white (in [-1, 1] units), and a JPEG round
+    # trip at quality U(30, 90) on a jpeg_probability share of crops
+    rotate: bool = False
+    scale_jitter: float = Field(default=0.0, ge=0, le=0.5)
+    hed_jitter: float = Field(default=0.0, ge=0, le=0.5)
+    noise_std: float = Field(default=0.0, ge=0, le=0.2)
+    jpeg_probability: float = Field(default=0.0, ge=0, le=1)
+    # canonical cell crops (scope_stream.classify.canonical): every crop is found, centred, scaled to
+    # one cell size and colour-normalised the same way in training, calibration, evaluation and the
+    # pipeline; None: plain resizing of the whole crop (older models)
+    canonical: CanonicalSettings | None = None
     seed: int = 0
     device: str = "auto"
     threads: int | None = Field(default=None, ge=1)  # torch CPU threads (None: torch's default)
@@ -67,11 +88,15 @@ class TrainConfig(Section):
     resume: bool = True
     log_every: int = Field(default=25, ge=1)
 
-    def augmentation(self) -> dict[str, float]:
+    def augmentation(self) -> dict[str, Any]:
         """Keyword arguments for :func:`scope_stream.classify.data.augment`."""
         return {
             "jitter": self.color_jitter,
             "blur_sigma_max": self.blur_sigma_max,
             "blur_probability": self.blur_probability,
             "gain_jitter": self.gain_jitter,
+            "rotate": self.rotate,
+            "scale_jitter": self.scale_jitter,
+            "hed_jitter": self.hed_jitter,
+            "noise_std": self.noise_std,
         }

@@ -148,7 +148,7 @@ class ThresholdAnalyzer:
         self.level = float(opts.get("threshold", 0.35))  # fraction of the tile's intensity range
         self.min_area = int(opts.get("min_area_px", 12))
         self.crop_px = int(config.segment.crop_px)
-        self.uncertainty_threshold = float(config.flags.uncertainty_threshold)
+        self.uncertainty_threshold = float(config.flags.uncertainty)
         self.flag_darkness = float(opts.get("flag_darkness", 0.9))  # darker blobs are flagged as anomalies
         self.device = device
 
