@@ -137,3 +137,16 @@ def reliability_diagram(
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def confident_error_rate(confidence: np.ndarray, correct: np.ndarray, threshold: float = 0.95) -> float:
+    """Share of all cells called with confidence >= ``threshold`` and wrong (the errors no one reviews)."""
+    conf = np.asarray(confidence, dtype=np.float64)
+    corr = np.asarray(correct).astype(bool)
+    if conf.shape != corr.shape or conf.ndim != 1 or len(conf) == 0:
+        raise ValueError(
+            f"confidence and correct must be equally long, non-empty 1-D arrays, got {conf.shape} and {corr.shape}"
+        )
+    if np.isnan(conf).any():
+        raise ValueError("confidence contains NaN")
+    return float(np.mean((conf >= threshold) & ~corr))
