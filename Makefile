@@ -23,15 +23,16 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/scope-stream demo --no-viewer
 
-# The multi-process pipeline tests run one file per pytest process, for isolation: a fresh-clone CI run once saw
-# 4 of them fail after the rest of the suite in one process. Not reproduced since (the whole suite in one process:
-# 303 passed, 241 s on 2 busy cores); `$(VENV)/bin/pytest` alone works too.
-PIPELINE_TESTS := $(sort $(wildcard tests/test_pipeline_*.py))
-
+# The whole suite in one pytest process. The napari (Qt) tests need a display: pytest-xvfb (a test dependency)
+# starts a virtual one itself when Xvfb is installed (.ci/run installs it); with neither a display nor Xvfb
+# they are skipped with that reason (tests/conftest.py) instead of aborting the run. Exit code 5 (no tests
+# collected, e.g. PYTEST_ARGS="-k nothing") is not a failure.
 test: $(STAMP)
-	@rc=0; $(VENV)/bin/pytest $(PYTEST_ARGS) $(addprefix --ignore=,$(PIPELINE_TESTS)) || rc=$$?; \
-	if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; rc=0; fi; \
-	for f in $(PIPELINE_TESTS); do $(VENV)/bin/pytest $(PYTEST_ARGS) $$f || rc=1; done; exit $$rc
+	@if [ "$$(uname -s)" = Linux ] && [ -z "$$DISPLAY$$WAYLAND_DISPLAY" ] && ! command -v Xvfb >/dev/null 2>&1; then \
+	  echo "note: no display and no Xvfb: the napari (Qt) tests will be skipped; install Xvfb to run them" \
+	       "(Debian/Ubuntu: apt-get install xvfb xauth, or run .ci/run)"; fi
+	@rc=0; $(VENV)/bin/pytest $(PYTEST_ARGS) || rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; rc=0; fi; exit $$rc
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

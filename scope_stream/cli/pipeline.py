@@ -10,7 +10,7 @@ import typer
 if TYPE_CHECKING:
     from scope_stream.config import ScopeStreamConfig
 
-from .app import app, fail
+from .app import app, child_log_level, fail, restored_signal_handlers
 
 keys_app = typer.Typer(help="CurveZMQ keys for pipelines that listen beyond loopback.", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
@@ -44,7 +44,6 @@ def run(
     keys: Annotated[Path | None, typer.Option(help="CurveZMQ key folder (scope-stream keys generate).")] = None,
 ) -> None:
     """Start broker, workers and sink on this machine and serve until Ctrl-C / SIGTERM, then drain."""
-    import logging
     import signal
     import threading
     import time
@@ -73,38 +72,40 @@ def run(
             raise SystemExit(130)
         stop.set()
 
-    signal.signal(signal.SIGINT, on_signal)
-    if hasattr(signal, "SIGTERM"):
-        signal.signal(signal.SIGTERM, on_signal)
-    level = logging.getLogger().getEffectiveLevel()
-    pipe = LocalPipeline(cfg, store_path=store, analyzer_spec=analyzer, n_workers=workers, log_level=level)
-    try:
-        pipe.start()
-    except PipelineError as exc:
-        raise fail(str(exc)) from exc
-    assert pipe.endpoints is not None
-    for name, ep in pipe.endpoints.to_dict().items():
-        console.print(f"[bold]{name:>9}[/] {ep}")
-    console.print("serving; Ctrl-C or SIGTERM drains and stops")
-    try:
-        last = 0.0
-        while not stop.is_set():
-            time.sleep(0.2)
-            pipe.restart_dead_workers()
-            if time.monotonic() - last > 5:
-                last = time.monotonic()
-                s = pipe.stats()
-                console.print(
-                    f"queue {s['queue_depth']}  in flight {s['in_flight']}  stored {s['stored']}  "
-                    f"workers {len(s['workers'])}  rejected {s['rejected_total']}  {s['rate_tiles_per_s']:.1f} tiles/s",
-                    highlight=False,
-                )
-        console.print("draining...")
-        summaries = pipe.drain(timeout=600)
-        for slide, summary in summaries.items():
-            console.print(f"slide {slide}: {summary.get('n_tiles', 0)} tiles, {summary.get('n_cells', 0)} cells")
-    finally:
-        pipe.stop(drain=True)
+    with restored_signal_handlers():  # an in-process run (tests) must not leave these installed
+        signal.signal(signal.SIGINT, on_signal)
+        if hasattr(signal, "SIGTERM"):
+            signal.signal(signal.SIGTERM, on_signal)
+        level = child_log_level()
+        pipe = LocalPipeline(cfg, store_path=store, analyzer_spec=analyzer, n_workers=workers, log_level=level)
+        try:
+            pipe.start()
+        except PipelineError as exc:
+            raise fail(str(exc)) from exc
+        assert pipe.endpoints is not None
+        for name, ep in pipe.endpoints.to_dict().items():
+            console.print(f"[bold]{name:>9}[/] {ep}")
+        console.print("serving; Ctrl-C or SIGTERM drains and stops")
+        try:
+            last = 0.0
+            while not stop.is_set():
+                time.sleep(0.2)
+                pipe.restart_dead_workers()
+                if time.monotonic() - last > 5:
+                    last = time.monotonic()
+                    s = pipe.stats()
+                    console.print(
+                        f"queue {s['queue_depth']}  in flight {s['in_flight']}  stored {s['stored']}  "
+                        f"workers {len(s['workers'])}  rejected {s['rejected_total']}  "
+                        f"{s['rate_tiles_per_s']:.1f} tiles/s",
+                        highlight=False,
+                    )
+            console.print("draining...")
+            summaries = pipe.drain(timeout=600)
+            for slide, summary in summaries.items():
+                console.print(f"slide {slide}: {summary.get('n_tiles', 0)} tiles, {summary.get('n_cells', 0)} cells")
+        finally:
+            pipe.stop(drain=True)
 
 
 @app.command()
@@ -127,7 +128,8 @@ def worker(
     if not is_loopback(connect) and cfg.pipeline.curve_keys_dir is None:
         raise fail(f"{connect} is not loopback: pass --keys (CurveZMQ) to join it; see docs/scaling.md")
     try:
-        code = run_worker(connect, cfg, analyzer_spec=analyzer, device=device, name=name, keys_client=client)
+        with restored_signal_handlers():  # run_worker installs SIGINT / SIGTERM handlers of its own
+            code = run_worker(connect, cfg, analyzer_spec=analyzer, device=device, name=name, keys_client=client)
     except (SecurityError, ValueError, RuntimeError) as exc:
         raise fail(str(exc)) from exc
     raise typer.Exit(code)

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from .app import app, fail
+from .app import app, child_log_level, fail, quiet_libraries
 
 if TYPE_CHECKING:
     from scope_stream.config import ScopeStreamConfig
@@ -76,13 +76,12 @@ def _with_pipeline(
             typer.echo("warning: webhooks need the pipeline's events endpoint (--events); none are sent", err=True)
         with Callbacks(cfg, events, slide_id=cfg.slide_id) if events and cfg.callbacks.webhooks else _Null():
             return work(connect, events)
-    import logging
-
     from scope_stream.transport.pipeline import LocalPipeline, PipelineError
 
-    store_path = store or (Path(cfg.store.root) / f"{cfg.slide_id}.zarr")
-    level = logging.getLogger().getEffectiveLevel()
-    pipe = LocalPipeline(cfg, store_path=store_path, analyzer_spec=analyzer, n_workers=workers, log_level=level)
+    store_path = _store_path(cfg, store)
+    pipe = LocalPipeline(
+        cfg, store_path=store_path, analyzer_spec=analyzer, n_workers=workers, log_level=child_log_level()
+    )
     try:
         pipe.start()
     except PipelineError as exc:
@@ -92,11 +91,22 @@ def _with_pipeline(
         assert pipe.endpoints is not None
         cb = Callbacks(cfg, pipe.events_endpoint, slide_id=cfg.slide_id) if cfg.callbacks.webhooks else _Null()
         with cb:
-            result = work(pipe.endpoints.frontend, pipe.events_endpoint)
-        typer.echo(f"store: {store_path}", err=True)
-        return result
+            return work(pipe.endpoints.frontend, pipe.events_endpoint)
     finally:
         pipe.stop(drain=True)
+
+
+def _store_path(cfg: ScopeStreamConfig, store: Path | None) -> Path:
+    return store or (Path(cfg.store.root) / f"{cfg.slide_id}.zarr")
+
+
+def _print_store(cfg: ScopeStreamConfig, connect: str | None, store: Path | None, as_json: bool) -> None:
+    """The last line of every scan / replay: where its store is (stderr when stdout carries JSON)."""
+    if connect is not None:
+        line = f"store: written by the pipeline at {connect} (its store.root/{cfg.slide_id}.zarr)"
+    else:
+        line = f"store: {_store_path(cfg, store)}"
+    typer.echo(line, err=as_json)
 
 
 class _Null:
@@ -134,6 +144,7 @@ def scan(
     from scope_stream.acquire.plan import PlanError
     from scope_stream.acquire.scan import ScanError, ScanSession, backend_from_config
 
+    quiet_libraries()  # importing pymmcore-plus just set the root logger to DEBUG
     cfg = _load(config)
     try:
         if backend is not None:
@@ -185,6 +196,7 @@ def scan(
     except (ScanError, PlanError, ValueError, RuntimeError) as exc:
         raise fail(str(exc)) from exc
     _print_report(report, as_json)
+    _print_store(cfg, connect, store, as_json)
     if report.errors:
         raise typer.Exit(1)
 
@@ -218,6 +230,7 @@ def replay(
         cfg.slide_id = f"replay-{path.stem}"
     from scope_stream.acquire.scan import ScanError, ScanSession, backend_from_config
 
+    quiet_libraries()  # importing pymmcore-plus just set the root logger to DEBUG
     try:
         b = backend_from_config(cfg)
     except (ReplayError, ScanError, ValueError) as exc:
@@ -232,6 +245,7 @@ def replay(
     except (ReplayError, ScanError, ValueError, RuntimeError) as exc:
         raise fail(str(exc)) from exc
     _print_report(report, as_json)
+    _print_store(cfg, connect, store, as_json)
 
 
 @app.command()

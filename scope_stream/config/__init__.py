@@ -48,8 +48,10 @@ __all__ = [
 class ScopeStreamConfig(Section):
     """A whole scope-stream setup: microscope, scan, pipeline, analysis, storage and callbacks."""
 
-    kind: Literal["scope-stream"] = "scope-stream"
-    slide_id: str = "slide-0001"
+    kind: Literal["scope-stream"] = Field(
+        default="scope-stream", description="the file's kind (train: a training file)"
+    )
+    slide_id: str = Field(default="slide-0001", description="names the store: <store.root>/<slide_id>.zarr")
     microscope: MicroscopeConfig = Field(default_factory=MicroscopeConfig)
     scan: ScanConfig = Field(default_factory=ScanConfig)
     pipeline: PipelineConfig = Field(default_factory=PipelineConfig)

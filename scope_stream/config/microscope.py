@@ -38,7 +38,7 @@ class MicroscopeConfig(Section):
     """The virtual microscope used by the demo and the integration tests."""
 
     # ---- the slide
-    seed: int = 0
+    seed: int = Field(default=0, description="the virtual slide's random seed (same seed, same slide)")
     slide_width_um: float = Field(default=4000.0, gt=0)
     slide_height_um: float = Field(default=3000.0, gt=0)
     chunk_um: float = Field(default=100.0, ge=20.0, le=2000.0)  # cells are laid out per chunk, lazily
@@ -64,10 +64,10 @@ class MicroscopeConfig(Section):
     sprite_cache_size: int = Field(default=2048, ge=16)
 
     # ---- the camera
-    camera_width: int = Field(default=512, ge=16, le=8192)
-    camera_height: int = Field(default=512, ge=16, le=8192)
+    camera_width: int = Field(default=512, ge=16, le=8192, description="camera pixels across")
+    camera_height: int = Field(default=512, ge=16, le=8192, description="camera pixels down")
     exposure_ms: float = Field(default=10.0, gt=0)  # the exposure at which background_rgb is reached
-    camera_noise: bool = True
+    camera_noise: bool = Field(default=True, description="shot and read noise on the virtual camera")
     camera_full_well_e: float = Field(default=10000.0, gt=0)  # electrons at 255 DN: sets the shot noise
     camera_read_noise_dn: float = Field(default=1.0, ge=0)
     camera_offset_dn: float = Field(default=2.0, ge=0, le=50)
@@ -79,7 +79,7 @@ class MicroscopeConfig(Section):
             ObjectiveConfig(name="50x", magnification=50, pixel_size_um=0.2, numerical_aperture=0.75),
         ]
     )
-    objective_switch_ms: float = Field(default=300.0, ge=0)
+    objective_switch_ms: float = Field(default=300.0, ge=0, description="time an objective change takes")
     focus_z_um: float = 0.0  # focus-drive position at which the slide is sharp (at the slide origin)
     focus_tilt_um_per_mm: tuple[float, float] = (0.0, 0.0)  # slide tilt: in-focus z change per mm of x, y
     defocus_blur_um_per_um: float = Field(default=0.35, ge=0)  # blur sigma (µm) per µm of defocus at NA 0.5
@@ -92,7 +92,7 @@ class MicroscopeConfig(Section):
     stage_accel_um_per_s2: float = Field(default=200000.0, gt=0)  # 200 mm/s^2: a field-sized move takes ~0.1 s
     stage_settle_ms: float = Field(default=15.0, ge=0)
     stage_limits_um: tuple[float, float, float, float] | None = None  # (x0, y0, x1, y1); None: slide +- margin
-    stage_margin_um: float = Field(default=500.0, ge=0)
+    stage_margin_um: float = Field(default=500.0, ge=0, description="stage travel beyond the slide edges")
     realtime: bool = True  # moves, objective switches and exposures take their real time
 
     @model_validator(mode="after")

@@ -21,19 +21,21 @@ class ScanConfig(Section):
     ``objective`` overlapping by ``overlap`` (a fraction of the field), centred on the region.
     """
 
-    backend: Backend = "virtual"
-    x0_um: float = 0.0
-    y0_um: float = 0.0
-    x1_um: float = 1000.0
-    y1_um: float = 1000.0
-    overlap: float = Field(default=0.1, ge=0.0, lt=0.9)
-    grid_mode: GridMode = "row_wise_snake"
-    objective: str = "20x"
+    backend: Backend = Field(default="virtual", description="what acquires the tiles (docs/acquisition.md)")
+    x0_um: float = Field(default=0.0, description="left edge of the scan region (stage x)")
+    y0_um: float = Field(default=0.0, description="top edge of the scan region (stage y)")
+    x1_um: float = Field(default=1000.0, description="right edge of the scan region; must be > x0_um")
+    y1_um: float = Field(default=1000.0, description="bottom edge of the scan region; must be > y0_um")
+    overlap: float = Field(
+        default=0.1, ge=0.0, lt=0.9, description="overlap of neighbouring fields, a fraction of a field"
+    )
+    grid_mode: GridMode = Field(default="row_wise_snake", description="the order the fields are imaged in")
+    objective: str = Field(default="20x", description="survey objective: a name in microscope.objectives")
     z_um: float | None = None  # focus for the survey; None: leave the focus where it is
 
     # ---- adaptive re-imaging
-    adaptive: bool = True
-    reimage_objective: str = "50x"
+    adaptive: bool = Field(default=True, description="re-image flagged cells with reimage_objective")
+    reimage_objective: str = Field(default="50x", description="re-image objective: a name in microscope.objectives")
     reimage_budget: int = Field(default=10, ge=0)  # re-image *positions* per slide (each may be a focus stack)
     focus_stack: list[float] = Field(default_factory=lambda: [0.0], min_length=1)  # z offsets in µm
     reimage_min_score: float | None = None  # only flags scoring at least this trigger a re-image
@@ -45,8 +47,8 @@ class ScanConfig(Section):
     stage_limits_um: tuple[float, float, float, float] | None = None
 
     # ---- control endpoint (re-image requests from napari or scanners; ZeroMQ ROUTER)
-    control: bool = True
-    control_host: str = "127.0.0.1"
+    control: bool = Field(default=True, description="serve re-image requests on a control endpoint")
+    control_host: str = Field(default="127.0.0.1", description="where the control endpoint binds")
     control_port: int = Field(default=0, ge=0, le=65535)  # 0: a free port
     control_keys_dir: Path | None = None  # CurveZMQ keys; required off loopback (default: pipeline.curve_keys_dir)
     control_max_pending: int = Field(default=16, ge=1)
@@ -62,17 +64,23 @@ class ScanConfig(Section):
 
     @model_validator(mode="after")
     def _region(self) -> ScanConfig:
-        if self.x1_um <= self.x0_um or self.y1_um <= self.y0_um:
+        # "field: message" names the field in ConfigError (loader._describe), not the whole section
+        reversed_axes = [
+            (hi, f"the region needs {hi} > {lo}, got {lo}={getattr(self, lo)}, {hi}={getattr(self, hi)}")
+            for lo, hi in (("x0_um", "x1_um"), ("y0_um", "y1_um"))
+            if getattr(self, hi) <= getattr(self, lo)
+        ]
+        if reversed_axes:
             raise ValueError(
-                f"scan region must have x1_um > x0_um and y1_um > y0_um, got "
-                f"({self.x0_um}, {self.y0_um}) - ({self.x1_um}, {self.y1_um})"
+                f"{reversed_axes[0][0]}: " + "; ".join(text for _, text in reversed_axes) + " (is it reversed?)"
             )
         if self.stage_limits_um is not None:
             lx0, ly0, lx1, ly1 = self.stage_limits_um
             if not all(math.isfinite(v) for v in self.stage_limits_um) or lx1 <= lx0 or ly1 <= ly0:
                 raise ValueError(
-                    f"stage_limits_um must be finite (x0, y0, x1, y1) with x1 > x0, y1 > y0, got {self.stage_limits_um}"
+                    f"stage_limits_um: must be finite (x0, y0, x1, y1) with x1 > x0, y1 > y0, "
+                    f"got {self.stage_limits_um}"
                 )
         if any(not math.isfinite(z) for z in self.focus_stack):
-            raise ValueError(f"focus_stack offsets must be finite, got {self.focus_stack}")
+            raise ValueError(f"focus_stack: offsets must be finite, got {self.focus_stack}")
         return self
