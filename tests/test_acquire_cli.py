@@ -14,11 +14,12 @@ import yaml
 from typer.testing import CliRunner
 
 from scope_stream.acquire.listen import write_replay_folder
-from scope_stream.callbacks import SIGNATURE_HEADER, verify_signature
+from scope_stream.callbacks import new_secret, verify_signature
 from scope_stream.cli import app
 from scope_stream.store import SlideStore
 from scope_stream.vocabulary import Tile
 
+SECRET = new_secret()
 pytestmark = pytest.mark.slow
 
 
@@ -53,7 +54,7 @@ def test_cli_scan_virtual_with_webhook(tmp_path: Path) -> None:
     class H(BaseHTTPRequestHandler):
         def do_POST(self) -> None:
             body = self.rfile.read(int(self.headers["Content-Length"]))
-            got.append((verify_signature("k", body, self.headers.get(SIGNATURE_HEADER)), json.loads(body)))
+            got.append((verify_signature(SECRET, body, self.headers), json.loads(body)))
             self.send_response(200)
             self.end_headers()
 
@@ -66,7 +67,7 @@ def test_cli_scan_virtual_with_webhook(tmp_path: Path) -> None:
     cfg = write_config(
         tmp_path / "scan.yaml",
         tmp_path,
-        callbacks={"webhooks": [{"url": url, "events": ["slide.done"], "secret": "k"}]},
+        callbacks={"webhooks": [{"url": url, "events": ["slide.done"], "secret": SECRET}]},
     )
     try:
         result = CliRunner().invoke(app, ["scan", "--config", str(cfg), "--backend", "virtual", "--json"])

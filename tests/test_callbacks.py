@@ -19,6 +19,7 @@ from scope_stream.callbacks import (
     Callbacks,
     EventHub,
     WebhookDispatcher,
+    new_secret,
     sign,
     topic_matches,
     verify_signature,
@@ -26,7 +27,7 @@ from scope_stream.callbacks import (
 from scope_stream.config import ScopeStreamConfig
 from scope_stream.config.callbacks import WebhookConfig
 
-SECRET = "s3cret-for-tests"
+SECRET = "whsec_czNjcmV0LWZvci10ZXN0cy1zM2NyZXQtZm9yLXRlc3Rz"  # Standard Webhooks form: whsec_<base64>
 
 
 # ------------------------------------------------------------------------------ a real receiver
@@ -43,8 +44,7 @@ class Receiver:
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
-                sig = self.headers.get(SIGNATURE_HEADER)
-                ok = receiver.secret is None or verify_signature(receiver.secret, body, sig)
+                ok = receiver.secret is None or verify_signature(receiver.secret, body, self.headers)
                 with receiver.lock:
                     status = receiver.plan.pop(0) if receiver.plan else 200
                     if not ok:
@@ -107,14 +107,16 @@ def hook(url: str, **kw: Any) -> WebhookConfig:
 # ------------------------------------------------------------------------------ signatures
 def test_signature_roundtrip_and_tampering() -> None:
     body = b'{"v":1,"topic":"slide.done"}'
-    header = sign(SECRET, body)
-    assert header.startswith("sha256=") and len(header) == 7 + 64
-    assert verify_signature(SECRET, body, header)
-    assert verify_signature(SECRET.encode(), body, header)
-    assert not verify_signature(SECRET, body + b" ", header)
-    assert not verify_signature("other", body, header)
-    assert not verify_signature(SECRET, body, None)
-    assert not verify_signature(SECRET, body, header.replace("sha256=", "sha1="))
+    now = int(time.time())
+    header = sign(SECRET, "msg_1", now, body)
+    assert header.startswith("v1,") and len(header) == 3 + 44
+    headers = {"webhook-id": "msg_1", "webhook-timestamp": str(now), SIGNATURE_HEADER: header}
+    assert verify_signature(SECRET, body, headers)
+    assert not verify_signature(SECRET, body + b" ", headers)
+    assert not verify_signature(new_secret(), body, headers)
+    assert not verify_signature(SECRET, body, {**headers, "webhook-id": "msg_2"})
+    assert not verify_signature(SECRET, body, {})
+    assert not verify_signature(SECRET, body, {**headers, SIGNATURE_HEADER: header.replace("v1,", "v2,")})
 
 
 def test_topic_patterns() -> None:
@@ -184,7 +186,7 @@ def test_webhook_gives_up_on_a_dead_endpoint(tmp_path: Path) -> None:
 def test_webhook_unsigned_receiver_rejects_bad_signature(tmp_path: Path) -> None:
     # the sender uses the wrong secret: the receiver's verification fails and it answers 401 (final)
     with Receiver() as rx:
-        hooks = WebhookDispatcher([hook(rx.url, secret="wrong")], None)
+        hooks = WebhookDispatcher([hook(rx.url, secret=new_secret())], None)
         hooks.submit({"topic": "slide.done"})
         hooks.close(10)
         assert [r["verified"] for r in rx.requests] == [False]

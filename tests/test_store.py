@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -43,8 +44,16 @@ def analyzer() -> ThresholdAnalyzer:
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> SlideStore:
-    return SlideStore.open_or_create(tmp_path / "s1.zarr", slide_id="s1", scan_region_um=(100, 100, 220, 160))
+def store(tmp_path: Path) -> Iterator[SlideStore]:
+    st = SlideStore.open_or_create(tmp_path / "s1.zarr", slide_id="s1", scan_region_um=(100, 100, 220, 160))
+    yield st
+    # whatever the test wrote must be valid OME-Zarr 0.5 (tests/test_store_ngff.py)
+    if (st.path / "zarr.json").is_file():
+        try:
+            from test_store_ngff import validate_store
+        except pytest.skip.Exception:  # ome-zarr-models not installed
+            return
+        validate_store(st.path)
 
 
 def test_round_trip_tiles_cells_crops(store: SlideStore, analyzer: ThresholdAnalyzer) -> None:

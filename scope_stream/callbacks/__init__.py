@@ -1,8 +1,8 @@
 """Callbacks for automated scanners and scripts: Python callbacks and signed webhooks on pipeline events.
 
 * :class:`EventHub` -- ``hub.on("cell.flagged", fn)`` over the pipeline's events socket;
-* :class:`WebhookDispatcher` -- HTTP POSTs of JSON events with retries, HMAC-SHA256 signatures and a
-  JSON-lines delivery log; :func:`verify_signature` for receivers;
+* :class:`WebhookDispatcher` -- Standard Webhooks (signed HTTP POSTs of JSON events) with retries, no
+  redirects and a JSON-lines delivery log; :func:`verify_signature` for receivers, :func:`new_secret`;
 * :class:`Callbacks` -- both, built from a :class:`~scope_stream.config.ScopeStreamConfig`.
 
 See ``docs/callbacks.md``.
@@ -14,19 +14,34 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .hub import EventCallback, EventHub, topic_matches
-from .webhooks import SIGNATURE_HEADER, DeliveryRecord, WebhookDispatcher, build_body, sign, verify_signature
+from .webhooks import (
+    ID_HEADER,
+    SIGNATURE_HEADER,
+    TIMESTAMP_HEADER,
+    TOLERANCE_S,
+    DeliveryRecord,
+    WebhookDispatcher,
+    build_body,
+    new_secret,
+    sign,
+    verify_signature,
+)
 
 if TYPE_CHECKING:
     from scope_stream.config import ScopeStreamConfig
 
 __all__ = [
+    "ID_HEADER",
     "SIGNATURE_HEADER",
+    "TIMESTAMP_HEADER",
+    "TOLERANCE_S",
     "Callbacks",
     "DeliveryRecord",
     "EventCallback",
     "EventHub",
     "WebhookDispatcher",
     "build_body",
+    "new_secret",
     "sign",
     "topic_matches",
     "verify_signature",

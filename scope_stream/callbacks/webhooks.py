@@ -1,43 +1,52 @@
-"""Webhooks for automated scanners: signed HTTP POSTs of JSON events, retried with backoff, logged.
+"""Webhooks for automated scanners: Standard Webhooks, retried with backoff, logged.
 
-Each configured endpoint gets its own queue and delivery thread, so a slow or dead endpoint never
-delays another one or the pipeline. A delivery is one event (``docs/callbacks.md``):
+Deliveries follow the Standard Webhooks specification (https://www.standardwebhooks.com), so any of its
+receiver libraries verifies them. Each configured endpoint gets its own queue and delivery thread, so a
+slow or dead endpoint never delays another one or the pipeline. A delivery is one event
+(``docs/callbacks.md``):
 
 * body: ``{"v": 1, "id": <delivery id>, "topic": ..., "created_at": <unix s>, "event": <payload>}``
   as UTF-8 JSON -- identical on every attempt, so a receiver de-duplicates by ``id``;
-* headers: ``Content-Type: application/json``, ``X-Scope-Stream-Event``, ``X-Scope-Stream-Delivery``,
-  ``X-Scope-Stream-Attempt`` and, with a secret, ``X-Scope-Stream-Signature: sha256=<hex>`` -- the
-  HMAC-SHA256 of the raw body with the shared secret (check it with :func:`verify_signature`).
+* headers: ``webhook-id`` (the delivery id), ``webhook-timestamp`` (unix seconds of the attempt) and,
+  with a secret, ``webhook-signature: v1,<base64 HMAC-SHA256 of "{id}.{timestamp}.{body}">`` keyed by
+  the secret's bytes (``whsec_<base64>``); plus ``Content-Type: application/json``,
+  ``X-Scope-Stream-Event`` and ``X-Scope-Stream-Attempt``. Receivers check them with
+  :func:`verify_signature` (or ``standardwebhooks.Webhook(secret).verify``), which also refuses a
+  timestamp more than :data:`TOLERANCE_S` (5 min) away from now.
 
-2xx is delivered. Connection errors, timeouts, 408, 429 and 5xx are retried after
-``backoff_s * 2**(attempt-1)`` s (at most ``max_backoff_s``; a ``Retry-After`` header in seconds is
-honoured up to that cap), ``max_retries`` times; other 4xx answers are final. Every attempt is a
-line in the delivery log (JSON lines): ``ts, delivery_id, url, topic, attempt, outcome
-(delivered|retry|failed|dropped|abandoned), http_status, error, duration_ms``. The log never holds
-the secret or the URL's query string.
+2xx is delivered. Redirects are never followed: a 3xx is a failed delivery (final), so the body, the
+signature and configured headers such as ``Authorization`` only ever go to the configured URL.
+Connection errors, timeouts, 408, 425, 429 and 5xx are retried after ``backoff_s * 2**(attempt-1)`` s
+(at most ``max_backoff_s``; a ``Retry-After`` header in seconds is honoured up to that cap),
+``max_retries`` times; other 4xx answers are final. Every attempt is a line in the delivery log (JSON
+lines): ``ts, delivery_id, url, topic, attempt, outcome (delivered|retry|failed|dropped|abandoned),
+http_status, error, duration_ms``. The log never holds the secret, a header or the URL's query string.
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import hmac
 import json
 import logging
+import math
 import os
 import queue
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
 from scope_stream import __version__
-from scope_stream.config.callbacks import WebhookConfig
+from scope_stream.config.callbacks import WebhookConfig, check_secret
 
 from .hub import topic_matches
 
@@ -45,38 +54,93 @@ if TYPE_CHECKING:
     from .hub import EventHub
 
 __all__ = [
+    "ID_HEADER",
     "SIGNATURE_HEADER",
+    "TIMESTAMP_HEADER",
+    "TOLERANCE_S",
     "DeliveryRecord",
     "WebhookDispatcher",
     "build_body",
+    "new_secret",
+    "secret_key",
     "sign",
     "verify_signature",
 ]
 
 log = logging.getLogger(__name__)
 
-SIGNATURE_HEADER = "X-Scope-Stream-Signature"
+ID_HEADER = "webhook-id"
+TIMESTAMP_HEADER = "webhook-timestamp"
+SIGNATURE_HEADER = "webhook-signature"
+SECRET_PREFIX = "whsec_"
+#: receivers refuse a ``webhook-timestamp`` further than this from their clock (the replay window), s
+TOLERANCE_S = 300.0
 _RETRY_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
 
 
 # ------------------------------------------------------------------------------ signing
-def _key(secret: str | bytes) -> bytes:
-    return secret.encode("utf-8") if isinstance(secret, str) else bytes(secret)
+def secret_key(secret: str | bytes) -> bytes:
+    """The HMAC key of a Standard Webhooks secret: ``whsec_<base64>`` decoded (raw ``bytes`` pass as they are).
 
-
-def sign(secret: str | bytes, body: bytes) -> str:
-    """The signature header value for ``body``: ``"sha256=" + hex(HMAC-SHA256(secret, body))``."""
-    return "sha256=" + hmac.new(_key(secret), body, hashlib.sha256).hexdigest()
-
-
-def verify_signature(secret: str | bytes, body: bytes, header: str | None) -> bool:
-    """True when ``header`` (the ``X-Scope-Stream-Signature`` value) signs the raw ``body`` with ``secret``.
-
-    Compare against the bytes as received, before any JSON parsing. Constant-time comparison.
+    Raises ``ValueError`` for a string that is not ``whsec_`` followed by base64 of at least 16 bytes.
     """
-    if not header or not isinstance(header, str) or not header.startswith("sha256="):
+    if isinstance(secret, (bytes, bytearray)):
+        if not secret:
+            raise ValueError("a webhook secret may not be empty")
+        return bytes(secret)
+    return check_secret(secret)
+
+
+def new_secret(nbytes: int = 32) -> str:
+    """A fresh random secret, ``whsec_<base64 of nbytes random bytes>``."""
+    return SECRET_PREFIX + base64.b64encode(os.urandom(nbytes)).decode("ascii")
+
+
+def sign(secret: str | bytes, msg_id: str, timestamp: int | float, body: bytes) -> str:
+    """The ``webhook-signature`` value: ``v1,`` + base64(HMAC-SHA256(key, f"{msg_id}.{timestamp}.".encode() + body))."""
+    ts = str(math.floor(timestamp))
+    digest = hmac.new(secret_key(secret), f"{msg_id}.{ts}.".encode() + bytes(body), hashlib.sha256).digest()
+    return "v1," + base64.b64encode(digest).decode("ascii")
+
+
+def _header(headers: Mapping[str, str] | Any, name: str) -> str | None:
+    getter = getattr(headers, "get", None)
+    if getter is None:
+        return None
+    value = getter(name)
+    if value is None and isinstance(headers, Mapping):  # a plain dict with other capitalisation
+        value = next((v for k, v in headers.items() if isinstance(k, str) and k.lower() == name), None)
+    return value if isinstance(value, str) else None
+
+
+def verify_signature(
+    secret: str | bytes,
+    body: bytes,
+    headers: Mapping[str, str] | Any,
+    *,
+    tolerance_s: float = TOLERANCE_S,
+    now: float | None = None,
+) -> bool:
+    """True when ``headers`` (``webhook-id``, ``webhook-timestamp``, ``webhook-signature``) sign the raw ``body``.
+
+    ``headers`` is any mapping with ``.get`` (``http.server``'s, a dict; names are case-insensitive).
+    The timestamp must lie within ``tolerance_s`` of ``now`` (the replay window); any of the
+    space-separated ``v1,`` signatures may match (key rotation). Constant-time comparison. Compare
+    against the bytes as received, before any JSON parsing, and de-duplicate on ``webhook-id``.
+    """
+    msg_id = _header(headers, ID_HEADER)
+    ts = _header(headers, TIMESTAMP_HEADER)
+    sigs = _header(headers, SIGNATURE_HEADER)
+    if not (msg_id and ts and sigs):
         return False
-    return hmac.compare_digest(sign(secret, body), header.strip())
+    try:
+        t = int(ts.strip())
+        expected = sign(secret, msg_id, t, body)
+    except ValueError:
+        return False
+    if abs((time.time() if now is None else now) - t) > tolerance_s:
+        return False
+    return any(hmac.compare_digest(expected.encode(), s.encode()) for s in sigs.split(" ") if s)
 
 
 def build_body(topic: str, event: dict[str, Any], delivery_id: str | None = None) -> tuple[str, bytes]:
@@ -147,6 +211,13 @@ class _Endpoint:
                 raise ValueError(
                     f"webhook {self.url_public}: environment variable {cfg.secret_env!r} (secret_env) is not set"
                 )
+        self._key: bytes | None = None
+        if self.secret is not None:
+            try:
+                self._key = secret_key(self.secret)
+            except ValueError as exc:
+                raise ValueError(f"webhook {self.url_public}: {exc}") from None
+        self._opener = urllib.request.build_opener(_NoRedirect)
         self.queue: queue.Queue[tuple[str, str, bytes] | None] = queue.Queue(maxsize=cfg.queue_size)
         self._log = dlog
         self._abort = threading.Event()
@@ -201,28 +272,33 @@ class _Endpoint:
         attempt = 0
         while True:
             attempt += 1
+            ts = int(time.time())
             headers = {
+                **cfg.headers,  # ours below win: a configured header never replaces the signature
                 "Content-Type": "application/json",
                 "User-Agent": f"scope-stream/{__version__}",
+                ID_HEADER: did,
+                TIMESTAMP_HEADER: str(ts),
                 "X-Scope-Stream-Event": topic,
-                "X-Scope-Stream-Delivery": did,
                 "X-Scope-Stream-Attempt": str(attempt),
-                **cfg.headers,
             }
-            if self.secret:
-                headers[SIGNATURE_HEADER] = sign(self.secret, body)
+            if self._key is not None:
+                headers[SIGNATURE_HEADER] = sign(self._key, did, ts, body)
             req = urllib.request.Request(cfg.url, data=body, headers=headers, method="POST")
             t0 = time.perf_counter()
             status: int | None = None
             error: str | None = None
             retry_after: float | None = None
             try:
-                with urllib.request.urlopen(req, timeout=cfg.timeout_s) as resp:
+                with self._opener.open(req, timeout=cfg.timeout_s) as resp:
                     status = int(resp.status)
                     resp.read(65536)
             except urllib.error.HTTPError as exc:
                 status = int(exc.code)
                 error = f"HTTP {exc.code} {exc.reason}"
+                if 300 <= status < 400:
+                    where = exc.headers.get("Location") if exc.headers else None
+                    error = f"HTTP {status}: redirect{_to(where, cfg.url)} not followed"
                 retry_after = _retry_after(exc.headers.get("Retry-After") if exc.headers else None)
             except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as exc:
                 reason = getattr(exc, "reason", exc)
@@ -246,6 +322,20 @@ class _Endpoint:
             if self._abort.wait(delay):
                 self._record(did, topic, attempt, "abandoned", status, "dispatcher closed during backoff")
                 return
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    """Never follow a redirect: urllib then raises the 3xx as an ``HTTPError`` (a failed delivery)."""
+
+    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+
+def _to(location: str | None, base: str) -> str:
+    """`` to <scheme://host/path>`` of a redirect's target, for the log (no query, no user info)."""
+    if not location:
+        return ""
+    return f" to {_public_url(urllib.parse.urljoin(base, location))}"
 
 
 def _retry_after(value: str | None) -> float | None:

@@ -4,10 +4,25 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any
 
 from scope_stream.vocabulary import Cell, CellKind
 
-__all__ = ["StageDeduplicator"]
+__all__ = ["Resolution", "StageDeduplicator"]
+
+
+@dataclass(frozen=True)
+class Resolution:
+    """What :meth:`StageDeduplicator.resolve` decided for one cell.
+
+    ``outcome``: ``"new"`` (first sight of this physical cell), ``"duplicate"`` (an earlier copy is
+    better centred and stays; ``other`` is its ref) or ``"replaces"`` (this copy is better centred
+    than the earlier one, ``other``, which stops counting).
+    """
+
+    outcome: str
+    other: Any = None
 
 
 class StageDeduplicator:
@@ -30,7 +45,8 @@ class StageDeduplicator:
         self.radius_um = float(radius_um)
         self.kinds = kinds
         self._cell = max(self.radius_um, 1e-6)
-        self._grid: dict[tuple[str, str, int, int], list[tuple[float, float, str]]] = defaultdict(list)
+        # entries: [x_um, y_um, tile_id, ref, centring] (ref and centring only for resolve())
+        self._grid: dict[tuple[str, str, int, int], list[list[Any]]] = defaultdict(list)
         self.admitted = 0
         self.rejected = 0
 
@@ -48,10 +64,52 @@ class StageDeduplicator:
         r2 = self.radius_um * self.radius_um
         for dx in (-1, 0, 1):
             for dy in (-1, 0, 1):
-                for x, y, tile in self._grid.get((slide, kind, gx + dx, gy + dy), ()):
+                for x, y, tile, *_ in self._grid.get((slide, kind, gx + dx, gy + dy), ()):
                     if tile != cell.tile_id and (x - cell.x_um) ** 2 + (y - cell.y_um) ** 2 <= r2:
                         return True
         return False
+
+    def _nearest(self, slide: str, kind: str, x: float, y: float, tile_id: str) -> tuple[Any, list[Any]] | None:
+        gx, gy = math.floor(x / self._cell), math.floor(y / self._cell)
+        best: tuple[float, Any, list[Any]] | None = None
+        r2 = self.radius_um * self.radius_um
+        for dx in (-1, 0, 1):
+            for dy in (-1, 0, 1):
+                key = (slide, kind, gx + dx, gy + dy)
+                for entry in self._grid.get(key, ()):
+                    d2 = (entry[0] - x) ** 2 + (entry[1] - y) ** 2
+                    if entry[2] != tile_id and d2 <= r2 and (best is None or d2 < best[0]):
+                        best = (d2, key, entry)
+        return None if best is None else (best[1], best[2])
+
+    def resolve(
+        self, slide_id: str, kind: str, x_um: float, y_um: float, tile_id: str, ref: Any, centring: float
+    ) -> Resolution:
+        """Decide between copies of one physical cell: the better-centred copy counts.
+
+        ``centring`` is how far the cell lies inside its tile (e.g. the centroid's distance to the
+        nearest tile edge, µm): the copy with the larger value wins, the earlier one on a tie (NaN
+        loses). The nearest remembered cell of another tile within ``radius_um`` is the other copy;
+        the winner is remembered (with ``ref``) in place of the loser. Non-finite positions are "new"
+        and not remembered.
+        """
+        if not (math.isfinite(x_um) and math.isfinite(y_um)):
+            self.admitted += 1
+            return Resolution("new")
+        c = float(centring) if math.isfinite(centring) else -math.inf
+        found = self._nearest(slide_id, kind, x_um, y_um, tile_id)
+        entry = [x_um, y_um, tile_id, ref, c]
+        if found is None:
+            self._grid[self._key(slide_id, kind, x_um, y_um)].append(entry)
+            self.admitted += 1
+            return Resolution("new")
+        key, old = found
+        self.rejected += 1
+        if c > old[4]:
+            self._grid[key].remove(old)
+            self._grid[self._key(slide_id, kind, x_um, y_um)].append(entry)
+            return Resolution("replaces", old[3])
+        return Resolution("duplicate", old[3])
 
     def admit(self, cell: Cell) -> bool:
         """True (and remember the cell) the first time a physical cell is seen; False for a duplicate."""
@@ -60,7 +118,7 @@ class StageDeduplicator:
             return False
         if math.isfinite(cell.x_um) and math.isfinite(cell.y_um):
             self._grid[self._key(cell.slide_id, cell.kind.value, cell.x_um, cell.y_um)].append(
-                (cell.x_um, cell.y_um, cell.tile_id)
+                [cell.x_um, cell.y_um, cell.tile_id, cell.cell_id, math.nan]
             )
         self.admitted += 1
         return True

@@ -140,7 +140,12 @@ CELL_COLUMNS: dict[str, tuple[str, tuple[int, ...]]] = {
     "flag_score": ("float32", ()),
     "crop_index": ("int64", ()),
     "extra": (_STR, ()),
+    "edge_um": ("float32", ()),
+    "duplicate_of": (_STR, ()),
+    "replaces": (_STR, ()),
 }
+#: columns added after format version 1 first shipped: absent in older stores (read as their fill value)
+OPTIONAL_CELL_COLUMNS = frozenset({"edge_um", "duplicate_of", "replaces"})
 
 REVIEW_COLUMNS: dict[str, tuple[str, tuple[int, ...]]] = {
     "cell_id": (_STR, ()),
@@ -197,26 +202,37 @@ class _Table:
     """Columnar arrays in a group, over-allocated; ``n`` valid rows are held by the caller."""
 
     def __init__(
-        self, group: zarr.Group, columns: dict[str, tuple[str, tuple[int, ...]]], chunk_rows: int, writable: bool
+        self,
+        group: zarr.Group,
+        columns: dict[str, tuple[str, tuple[int, ...]]],
+        chunk_rows: int,
+        writable: bool,
+        optional: frozenset[str] = frozenset(),
     ) -> None:
         self.group = group
         self.columns = columns
         self.arrays: dict[str, zarr.Array] = {}
-        for name, (dtype, tail) in columns.items():
+        missing: list[str] = []
+        for name in columns:
             if name in group:
                 arr = group[name]
                 assert isinstance(arr, zarr.Array)
                 self.arrays[name] = arr
-            elif writable:
+            else:
+                missing.append(name)
+        rows = min((int(a.shape[0]) for a in self.arrays.values()), default=0)
+        for name in missing:
+            dtype, tail = columns[name]
+            if writable:  # a newer column on an older table: as long as the others, filled
                 self.arrays[name] = group.create_array(
                     name,
-                    shape=(0, *tail),
+                    shape=(rows, *tail),
                     chunks=(chunk_rows, *tail),
                     dtype=str if dtype == _STR else dtype,
                     fill_value=_fill(dtype),
                     compressors=ZstdCodec(level=3),
                 )
-            else:
+            elif name not in optional:
                 raise StoreError(f"table {group.path!r} lacks column {name!r}")
 
     @property
@@ -252,10 +268,14 @@ class _Table:
         wanted = list(names or self.columns)
         if n == 0:
             for name in wanted:
-                dtype = self.columns[name][0]
-                shape = (0, *self.arrays[name].shape[1:])
+                dtype, tail = self.columns[name]
+                shape = (0, *tail)
                 out[name] = np.zeros(shape, dtype=object if dtype == _STR else dtype)
             return out
+        for name in [w for w in wanted if w not in self.arrays]:  # an optional column this table lacks
+            dtype, tail = self.columns[name]
+            out[name] = np.full((n, *tail), _fill(dtype), dtype=object if dtype == _STR else dtype)
+        wanted = [w for w in wanted if w in self.arrays]
         got = _gather([self.arrays[name].async_array.getitem(slice(0, n)) for name in wanted])
         for name, data in zip(wanted, got, strict=True):
             data = np.asarray(data)
@@ -297,9 +317,12 @@ class SlideStore:
         slide_id: str | None = None,
         config: StoreConfig | None = None,
         scan_region_um: tuple[float, float, float, float] | None = None,
+        dedup_radius_um: float | None = None,
     ) -> None:
         self.path = Path(path)
         self.config = config or StoreConfig()
+        self.dedup_radius_um = dedup_radius_um
+        self._dedup: Any = None  # StageDeduplicator of the committed scan cells, built on first write
         self.writable = mode != "r"
         self.scan_region_um = scan_region_um
         exists = (self.path / "zarr.json").is_file()
@@ -362,9 +385,21 @@ class SlideStore:
         slide_id: str,
         config: StoreConfig | None = None,
         scan_region_um: tuple[float, float, float, float] | None = None,
+        dedup_radius_um: float | None = None,
     ) -> SlideStore:
-        """Open the store at ``path`` for writing, creating it for ``slide_id`` if it is not there."""
-        return cls(path, mode="r+", slide_id=slide_id, config=config, scan_region_um=scan_region_um)
+        """Open the store at ``path`` for writing, creating it for ``slide_id`` if it is not there.
+
+        ``dedup_radius_um`` (the sink passes ``segment.dedup_radius_um``): cells of survey tiles within
+        this distance of a cell of another survey tile are one physical cell, counted once (docs/store.md).
+        """
+        return cls(
+            path,
+            mode="r+",
+            slide_id=slide_id,
+            config=config,
+            scan_region_um=scan_region_um,
+            dedup_radius_um=dedup_radius_um,
+        )
 
     @classmethod
     def open(cls, path: Path | str, mode: Literal["r", "r+"] = "r") -> SlideStore:
@@ -385,7 +420,9 @@ class SlideStore:
         if "reviews" not in tables and self.writable:
             tables.create_group("reviews").attrs["scope_stream"] = {"n_reviews": 0}
         self._tile_table = _Table(_group(tables, "tiles"), TILE_COLUMNS, chunk, self.writable)
-        self._cell_table = _Table(_group(tables, "cells"), CELL_COLUMNS, chunk, self.writable)
+        self._cell_table = _Table(
+            _group(tables, "cells"), CELL_COLUMNS, chunk, self.writable, optional=OPTIONAL_CELL_COLUMNS
+        )
         self._review_table = _Table(_group(tables, "reviews"), REVIEW_COLUMNS, 1024, self.writable)
         self._load_counts()
 
@@ -397,6 +434,11 @@ class SlideStore:
         ids = self._tile_table.read(self._n_tiles, ["tile_id"])["tile_id"]
         self._tile_rows: dict[str, int] = {str(t): i for i, t in enumerate(ids)}
         self._pending_tiles: dict[str, str] = {}  # tile_id -> path of pixels written but not committed
+        self._dedup = None  # rebuilt from the committed rows on the next write
+        #: after each write_records: cell_id -> the cell_id it is a duplicate of (new rows only)
+        self.last_duplicates: dict[str, str] = {}
+        #: after each write_records: cell_id -> the earlier cell_id it replaces as the counted copy
+        self.last_replaced: dict[str, str] = {}
 
     def refresh(self) -> None:
         """Re-read what another process committed (readers of a live store call this; read methods do)."""
@@ -452,7 +494,12 @@ class SlideStore:
     def compute_summary(self) -> dict[str, Any]:
         """Counts over the committed tiles and cells: differential, flags, kinds."""
         tiles = self._tile_table.read(self._n_tiles, ["status", "kind"])
-        cells = self._cell_table.read(self._n_cells, ["kind", "label", "flagged"])
+        cells = self._cell_table.read(
+            self._n_cells, ["cell_id", "kind", "label", "flagged", "duplicate_of", "replaces"]
+        )
+        counted = self.counted_mask(cells)
+        n_dup = int(np.sum(~counted))
+        cells = {k: v[counted] for k, v in cells.items()}
         differential: dict[str, int] = {}
         kinds: dict[str, int] = {}
         n_wbc = 0
@@ -468,9 +515,10 @@ class SlideStore:
             "n_scan_tiles": int(np.sum(tiles["kind"] == "scan")) if self._n_tiles else 0,
             "n_reimage_tiles": int(np.sum(tiles["kind"] == "reimage")) if self._n_tiles else 0,
             "n_failed_tiles": int(np.sum(tiles["status"] == "failed")) if self._n_tiles else 0,
-            "n_cells": int(self._n_cells),
+            "n_cells": int(self._n_cells) - n_dup,
+            "n_duplicates": n_dup,
             "n_wbc": n_wbc,
-            "n_flagged": int(np.sum(cells["flagged"])) if self._n_cells else 0,
+            "n_flagged": int(np.sum(cells["flagged"])) if len(cells["flagged"]) else 0,
             "kinds": kinds,
             "differential": dict(sorted(differential.items())),
             "differential_percent": {k: round(100.0 * v / classified, 2) for k, v in sorted(differential.items())},
@@ -551,8 +599,8 @@ class SlideStore:
         grp = self.root.require_group(path)
         px = float(header["pixel_size_um"])
         h, w = pixels.shape[:2]
-        x0 = float(header["x_um"]) + (0.5 - w / 2.0) * px
-        y0 = float(header["y_um"]) + (0.5 - h / 2.0) * px
+        x0 = float(header["x_um"]) - w / 2.0 * px  # the top-left pixel's corner; NGFF gets its centre
+        y0 = float(header["y_um"]) - h / 2.0 * px
         grp.attrs.update(
             {
                 "ome": _ngff_image(str(header["tile_id"]), data.shape, px, (y0, x0), window=_window(data.dtype)),
@@ -565,6 +613,7 @@ class SlideStore:
             chunks=data.shape,
             dtype=data.dtype,
             compressors=_blosc(self.config.compressor, data.dtype.itemsize),
+            dimension_names=_dims(data.ndim),
             overwrite=True,
         )
         self._pending_tiles[tile_id] = path
@@ -633,6 +682,7 @@ class SlideStore:
     def write_records(self, records: Sequence[TileRecord]) -> list[bool]:
         """Write and commit several tiles in one commit; True for each newly stored, False for duplicates."""
         self._require_writable()
+        self.last_duplicates, self.last_replaced = {}, {}
         fresh: list[TileRecord] = []
         out: list[bool] = []
         seen: set[str] = set()
@@ -647,6 +697,14 @@ class SlideStore:
                 fresh.append(rec)
         if not fresh:
             return out
+        try:
+            self._write_fresh(fresh)
+        except BaseException:
+            self._dedup = None  # it saw cells that were not committed: rebuild it from the store
+            raise
+        return out
+
+    def _write_fresh(self, fresh: list[TileRecord]) -> None:
         tile_rows: dict[str, list[Any]] = {c: [] for c in TILE_COLUMNS}
         cell_rows: dict[str, list[Any]] = {c: [] for c in CELL_COLUMNS}
         crops: list[np.ndarray] = []
@@ -694,6 +752,9 @@ class SlideStore:
                     cell_rows["flag_score"].append(flag.score if flag else math.nan)
                     ci = crop_pos.get(cell.cell_id)
                     cell_rows["crop_index"].append(-1 if ci is None else n_crops + ci)
+                    cell_rows["edge_um"].append(_edge_um(cell.centroid_px, h))
+                    cell_rows["duplicate_of"].append("")
+                    cell_rows["replaces"].append("")
                     cell_rows["extra"].append(
                         json.dumps(
                             {
@@ -708,6 +769,7 @@ class SlideStore:
                 if res.crops.shape[0]:
                     crops.append(res.crops)
                     n_crops += res.crops.shape[0]
+                self._dedup_rows(h, res, cell_rows, start)
             status = "ok" if res is not None else "failed"
             row = {
                 "tile_id": tid,
@@ -745,7 +807,69 @@ class SlideStore:
             self._tile_rows[rec.tile_id] = self._n_tiles + i
             self._pending_tiles.pop(rec.tile_id, None)
         self._n_tiles, self._n_cells, self._n_crops = n_tiles, n_cells, n_crops
-        return out
+
+    # ----------------------------------------------------------------------- de-duplication
+    def _dedup_index(self) -> Any:
+        """The de-duplicator of the committed survey cells (replayed in commit order: the same decisions)."""
+        if self._dedup is None:
+            from scope_stream.segment.dedup import StageDeduplicator
+
+            dd = StageDeduplicator(float(self.dedup_radius_um or 0.0))
+            tiles = self._tile_table.read(self._n_tiles, ["tile_id", "kind"])
+            scan = {str(t) for t, k in zip(tiles["tile_id"], tiles["kind"], strict=True) if k == "scan"}
+            cols = self._cell_table.read(self._n_cells, ["cell_id", "tile_id", "kind", "x_um", "y_um", "edge_um"])
+            for i in range(self._n_cells):
+                if str(cols["tile_id"][i]) in scan:
+                    dd.resolve(
+                        self.slide_id,
+                        str(cols["kind"][i]),
+                        float(cols["x_um"][i]),
+                        float(cols["y_um"][i]),
+                        str(cols["tile_id"][i]),
+                        str(cols["cell_id"][i]),
+                        float(cols["edge_um"][i]),
+                    )
+            self._dedup = dd
+        return self._dedup
+
+    def _dedup_rows(self, header: dict[str, Any], res: TileResult, cell_rows: dict[str, list[Any]], start: int) -> None:
+        """Mark the new cell rows (``cell_rows`` from offset ``start - committed``) that repeat a survey cell."""
+        if self.dedup_radius_um is None or header.get("kind", "scan") != "scan":
+            return
+        dd = self._dedup_index()
+        first = start - self._n_cells
+        for j in range(first, len(cell_rows["cell_id"])):
+            cid = str(cell_rows["cell_id"][j])
+            got = dd.resolve(
+                self.slide_id,
+                str(cell_rows["kind"][j]),
+                float(cell_rows["x_um"][j]),
+                float(cell_rows["y_um"][j]),
+                str(cell_rows["tile_id"][j]),
+                cid,
+                float(cell_rows["edge_um"][j]),
+            )
+            if got.outcome == "duplicate":
+                cell_rows["duplicate_of"][j] = got.other
+                self.last_duplicates[cid] = str(got.other)
+            elif got.outcome == "replaces":
+                cell_rows["replaces"][j] = got.other
+                self.last_replaced[cid] = str(got.other)
+
+    def counted_mask(self, cols: dict[str, np.ndarray] | None = None) -> np.ndarray:
+        """Per committed cell row: whether it counts (not a second copy of a cell seen in an overlapping tile).
+
+        A row does not count when its ``duplicate_of`` is set or a committed row names it in ``replaces``.
+        """
+        if cols is None or "replaces" not in cols or "duplicate_of" not in cols or "cell_id" not in cols:
+            cols = self._cell_table.read(self._n_cells, ["cell_id", "duplicate_of", "replaces"])
+        replaced = {str(r) for r in cols["replaces"] if r}
+        if not replaced and not any(cols["duplicate_of"]):
+            return np.ones(len(cols["cell_id"]), dtype=bool)
+        return np.array(
+            [not d and str(c) not in replaced for c, d in zip(cols["cell_id"], cols["duplicate_of"], strict=True)],
+            dtype=bool,
+        )
 
     # ------------------------------------------------------------------------------- crops
     def _crops_array(self, size: int | None = None) -> zarr.Array | None:
@@ -820,12 +944,21 @@ class SlideStore:
             }
         return out
 
-    def cells(self, kind: str | None = None, flagged: bool | None = None) -> list[dict[str, Any]]:
-        """Committed cells as row dicts (columns of ``docs/store.md`` + reviewer fields)."""
+    def cells(
+        self, kind: str | None = None, flagged: bool | None = None, *, duplicates: bool = False
+    ) -> list[dict[str, Any]]:
+        """Committed cells as row dicts (columns of ``docs/store.md`` + reviewer fields).
+
+        One row per physical cell: second copies from overlapping tiles (see :meth:`counted_mask`) are
+        left out unless ``duplicates``; their rows then carry ``counted: False``.
+        """
         cols = self.cell_table()
+        counted = self.counted_mask(cols)
         reviews = self.reviews()
         rows = []
-        for i in range(self._n_cells):
+        for i in range(len(cols["cell_id"])):
+            if not duplicates and not counted[i]:
+                continue
             if kind is not None and cols["kind"][i] != kind:
                 continue
             if flagged is not None and bool(cols["flagged"][i]) != flagged:
@@ -855,6 +988,9 @@ class SlideStore:
                     "flag_reasons": reasons.split(",") if reasons else [],
                     "flag_score": _nan_to_none(cols["flag_score"][i]),
                     "crop_index": int(cols["crop_index"][i]),
+                    "counted": bool(counted[i]),
+                    "duplicate_of": str(cols["duplicate_of"][i]),
+                    "replaces": str(cols["replaces"][i]),
                     "reviewer_label": review.get("label"),
                     "reviewer": review.get("reviewer"),
                     "review_seconds": review.get("seconds"),
@@ -889,9 +1025,10 @@ class SlideStore:
 
     # ------------------------------------------------------------------------------ mosaic
     def _paste_mosaic(self, header: dict[str, Any], pixels: np.ndarray) -> None:
-        arr, scale, origin = self._mosaic_array(header, pixels)
-        if arr is None:
+        levels, scale, origin = self._mosaic_levels(header, pixels)
+        if not levels:
             return
+        arr = levels[0]
         f = max(1, round(scale / float(header["pixel_size_um"])))
         h, w = pixels.shape[:2]
         hh, ww = (h // f) * f, (w // f) * f
@@ -914,19 +1051,42 @@ class SlideStore:
         rr1, cc1 = min(r1, arr.shape[1]), min(c1, arr.shape[2])
         if rr1 <= rr0 or cc1 <= cc0:
             return
-        arr[:, rr0:rr1, cc0:cc1] = img[:, rr0 - r0 : rr1 - r0, cc0 - c0 : cc1 - c0]
+        patch = img[:, rr0 - r0 : rr1 - r0, cc0 - c0 : cc1 - c0]
+        writes = [arr.async_array.setitem((slice(None), slice(rr0, rr1), slice(cc0, cc1)), patch)]
+        # level k holds level 0's pixel (R*2^k + 2^(k-1), C*2^k + 2^(k-1)): every level follows the last
+        # tile pasted over a place, exactly as level 0 does, from the patch in memory (no read back)
+        for k, lev in enumerate(levels[1:], start=1):
+            step, off = 2**k, 2 ** (k - 1)
+            ra, rb = -(-(rr0 - off) // step), (rr1 - 1 - off) // step
+            ca, cb = -(-(cc0 - off) // step), (cc1 - 1 - off) // step
+            rb, cb = min(rb, lev.shape[1] - 1), min(cb, lev.shape[2] - 1)
+            if rb < ra or cb < ca:
+                continue
+            rows = np.arange(ra, rb + 1) * step + off - rr0
+            cols = np.arange(ca, cb + 1) * step + off - cc0
+            sub = np.ascontiguousarray(patch[:, rows][:, :, cols])
+            writes.append(lev.async_array.setitem((slice(None), slice(ra, rb + 1), slice(ca, cb + 1)), sub))
+        _gather(writes)
 
-    def _mosaic_array(
+    def _mosaic_levels(
         self, header: dict[str, Any], pixels: np.ndarray
-    ) -> tuple[zarr.Array | None, float, tuple[float, float]]:
+    ) -> tuple[list[zarr.Array], float, tuple[float, float]]:
+        """The mosaic's pyramid levels (level 0 first), µm per level-0 pixel and (y0, x0) of its top-left corner."""
         if "mosaic" in self.root:
-            ms = _attrs(self.root, "ome")["multiscales"][0]["datasets"][0]["coordinateTransformations"]
-            arr = self.root["mosaic/0"]
-            assert isinstance(arr, zarr.Array)
-            return arr, float(ms[0]["scale"][-1]), (float(ms[1]["translation"][-2]), float(ms[1]["translation"][-1]))
+            datasets = _attrs(self.root, "ome")["multiscales"][0]["datasets"]
+            tfs = datasets[0]["coordinateTransformations"]
+            scale = float(tfs[0]["scale"][-1])
+            levels = []
+            for ds in datasets:
+                arr = self.root[str(ds["path"])]
+                assert isinstance(arr, zarr.Array)
+                levels.append(arr)
+            # the translation is the centre of the top-left pixel: the corner is half a pixel before it
+            ty, tx = float(tfs[1]["translation"][-2]), float(tfs[1]["translation"][-1])
+            return levels, scale, (ty - scale / 2, tx - scale / 2)
         region = self.metadata.get("region_um") or self.scan_region_um
         if not region:
-            return None, 0.0, (0.0, 0.0)
+            return [], 0.0, (0.0, 0.0)
         x0, y0, x1, y1 = (float(v) for v in region)
         px = float(header["pixel_size_um"])
         h, w = pixels.shape[:2]
@@ -939,33 +1099,45 @@ class SlideStore:
         ny, nx = math.ceil((y1 - y0) / scale), math.ceil((x1 - x0) / scale)
         nc = 1 if pixels.ndim == 2 else pixels.shape[2]
         mosaic = self.root.require_group("mosaic")
-        arr = mosaic.create_array(
-            "0",
-            shape=(nc, ny, nx),
-            chunks=(nc, min(ny, 512), min(nx, 512)),
-            dtype=pixels.dtype,
-            fill_value=0,
-            compressors=_blosc(self.config.compressor, pixels.dtype.itemsize),
-        )
-        # translation is the centre of the mosaic's top-left pixel
+        shapes = _pyramid_shapes(ny, nx)
+        levels = [
+            mosaic.create_array(
+                str(k),
+                shape=(nc, sy, sx),
+                chunks=(nc, min(sy, 512), min(sx, 512)),
+                dtype=pixels.dtype,
+                fill_value=0,
+                compressors=_blosc(self.config.compressor, pixels.dtype.itemsize),
+                dimension_names=_dims(3),
+            )
+            for k, (sy, sx) in enumerate(shapes)
+        ]
+        # translation is the centre of each level's top-left pixel
         ome = _ngff_image(
             "mosaic",
             (nc, ny, nx),
             scale,
-            (y0 + scale / 2, x0 + scale / 2),
-            path="mosaic/0",
+            (y0, x0),
+            paths=[f"mosaic/{k}" for k in range(len(shapes))],
             window=_window(pixels.dtype),
         )
         self.root.attrs["ome"] = ome
-        return arr, scale, (y0, x0)
+        return levels, scale, (y0, x0)
 
-    def mosaic(self) -> tuple[np.ndarray, float, tuple[float, float]] | None:
-        """(array (C, Y, X), µm per mosaic pixel, (y0, x0) µm of the top-left corner) or None if there is none."""
+    def mosaic(self, level: int = 0) -> tuple[np.ndarray, float, tuple[float, float]] | None:
+        """(array (C, Y, X), µm per pixel, (y0, x0) µm of the top-left corner) of a pyramid level, or None."""
         if "mosaic" not in self.root:
             return None
-        arr, scale, origin = self._mosaic_array({}, np.zeros((1, 1), np.uint8))
-        assert arr is not None
-        return np.asarray(arr[...]), scale, origin
+        levels, scale, origin = self._mosaic_levels({}, np.zeros((1, 1), np.uint8))
+        arr = levels[level]
+        return np.asarray(arr[...]), scale * 2**level, origin
+
+    @property
+    def mosaic_levels(self) -> int:
+        """How many pyramid levels the mosaic has (0 if there is no mosaic)."""
+        if "mosaic" not in self.root:
+            return 0
+        return len(_attrs(self.root, "ome")["multiscales"][0]["datasets"])
 
     # ------------------------------------------------------------------------------- misc
     def _require_writable(self) -> None:
@@ -991,44 +1163,74 @@ def _group(parent: zarr.Group, name: str) -> zarr.Group:
     return grp
 
 
+def _edge_um(centroid_px: Sequence[float], header: dict[str, Any]) -> float:
+    """How far a centroid lies inside its tile: distance to the nearest tile edge in µm (NaN if unknown)."""
+    shape = header.get("shape") or [0, 0]
+    try:
+        h, w = float(shape[0]), float(shape[1])
+        r, c = float(centroid_px[0]), float(centroid_px[1])
+        px = float(header["pixel_size_um"])
+    except (KeyError, IndexError, TypeError, ValueError):
+        return math.nan
+    if h <= 0 or w <= 0:
+        return math.nan
+    return min(r + 0.5, c + 0.5, h - 0.5 - r, w - 0.5 - c) * px
+
+
+def _dims(ndim: int) -> tuple[str, ...]:
+    """Zarr v3 ``dimension_names`` of an image array, matching its NGFF axes (NGFF 0.5 requires them)."""
+    return ("c", "y", "x") if ndim == 3 else ("y", "x")
+
+
+def _pyramid_shapes(
+    ny: int, nx: int, *, min_levels: int = 3, max_levels: int = 8, top_px: int = 1024
+) -> list[tuple[int, int]]:
+    """(Y, X) of each mosaic level, each half the last: at least ``min_levels``, more until the top fits ``top_px``."""
+    shapes = [(ny, nx)]
+    while len(shapes) < max_levels and (len(shapes) < min_levels or max(shapes[-1]) > top_px):
+        sy, sx = shapes[-1]
+        if sy == 1 and sx == 1:
+            break
+        shapes.append((max(1, math.ceil(sy / 2)), max(1, math.ceil(sx / 2))))
+    return shapes
+
+
 def _ngff_image(
     name: str,
     shape: tuple[int, ...],
     pixel_size_um: float,
-    origin_yx: tuple[float, float],
-    path: str = "0",
+    corner_yx: tuple[float, float],
+    paths: Sequence[str] = ("0",),
     window: tuple[float, float] = (0.0, 255.0),
 ) -> dict[str, Any]:
-    """NGFF 0.5 ``ome`` attributes of a single-scale (C,) Y, X image at a stage position."""
+    """NGFF 0.5 ``ome`` attributes of a (C,) Y, X image whose top-left pixel corner is at ``corner_yx`` (stage µm).
+
+    ``paths`` are the pyramid levels, level ``k`` ``2**k`` times coarser than level 0 (``pixel_size_um``);
+    each level's translation is the centre of its own top-left pixel.
+    """
     spatial = [
         {"name": "y", "type": "space", "unit": "micrometer"},
         {"name": "x", "type": "space", "unit": "micrometer"},
     ]
-    if len(shape) == 3:
-        axes = [{"name": "c", "type": "channel"}, *spatial]
-        scale = [1.0, pixel_size_um, pixel_size_um]
-        translation = [0.0, origin_yx[0], origin_yx[1]]
-    else:
-        axes = spatial
-        scale = [pixel_size_um, pixel_size_um]
-        translation = [origin_yx[0], origin_yx[1]]
-    ome: dict[str, Any] = {
-        "version": NGFF_VERSION,
-        "multiscales": [
+    axes = [{"name": "c", "type": "channel"}, *spatial] if len(shape) == 3 else spatial
+    datasets = []
+    for k, path in enumerate(paths):
+        p = pixel_size_um * 2**k
+        ty, tx = corner_yx[0] + p / 2, corner_yx[1] + p / 2
+        scale = [1.0, p, p] if len(shape) == 3 else [p, p]
+        translation = [0.0, ty, tx] if len(shape) == 3 else [ty, tx]
+        datasets.append(
             {
-                "name": name,
-                "axes": axes,
-                "datasets": [
-                    {
-                        "path": path,
-                        "coordinateTransformations": [
-                            {"type": "scale", "scale": scale},
-                            {"type": "translation", "translation": translation},
-                        ],
-                    }
+                "path": path,
+                "coordinateTransformations": [
+                    {"type": "scale", "scale": scale},
+                    {"type": "translation", "translation": translation},
                 ],
             }
-        ],
+        )
+    ome: dict[str, Any] = {
+        "version": NGFF_VERSION,
+        "multiscales": [{"name": name, "axes": axes, "datasets": datasets}],
     }
     if len(shape) == 3:
         colours = ["FF0000", "00FF00", "0000FF", "FFFFFF"] if shape[0] in (3, 4) else ["FFFFFF"]
@@ -1039,7 +1241,7 @@ def _ngff_image(
                     "label": lab,
                     "color": colours[i % len(colours)],
                     "active": True,
-                    "window": {"start": window[0], "end": window[1]},
+                    "window": {"start": window[0], "end": window[1], "min": window[0], "max": window[1]},
                 }
                 for i, lab in enumerate(["R", "G", "B", "A"][: shape[0]] if shape[0] in (3, 4) else ["gray"])
             ],

@@ -55,6 +55,8 @@ class Sink:
         self.pending_meta: dict[str, dict[str, Any]] = {}
         sc = config.scan
         self.region = (sc.x0_um, sc.y0_um, sc.x1_um, sc.y1_um)
+        # one row counts per physical cell: copies in overlapping survey tiles are marked (docs/store.md)
+        self.dedup_radius_um: float | None = float(config.segment.dedup_radius_um)
         self._warned: set[str] = set()
 
     def path_for(self, slide_id: str) -> Path:
@@ -70,10 +72,20 @@ class Sink:
             if not self.stores:
                 exists = (self.store_path / "zarr.json").is_file()
                 st = (
-                    SlideStore(self.store_path, mode="r+", config=self.config.store, scan_region_um=self.region)
+                    SlideStore(
+                        self.store_path,
+                        mode="r+",
+                        config=self.config.store,
+                        scan_region_um=self.region,
+                        dedup_radius_um=self.dedup_radius_um,
+                    )
                     if exists
                     else SlideStore.open_or_create(
-                        self.store_path, slide_id=slide_id, config=self.config.store, scan_region_um=self.region
+                        self.store_path,
+                        slide_id=slide_id,
+                        config=self.config.store,
+                        scan_region_um=self.region,
+                        dedup_radius_um=self.dedup_radius_um,
                     )
                 )
                 self.stores[st.slide_id] = st
@@ -85,7 +97,11 @@ class Sink:
         found = self.stores.get(slide_id)
         if found is None:
             st = SlideStore.open_or_create(
-                self.path_for(slide_id), slide_id=slide_id, config=self.config.store, scan_region_um=self.region
+                self.path_for(slide_id),
+                slide_id=slide_id,
+                config=self.config.store,
+                scan_region_um=self.region,
+                dedup_radius_um=self.dedup_radius_um,
             )
             self.stores[slide_id] = st
             if len(st):
@@ -250,10 +266,11 @@ def _commit(
             log.exception("sink: tiles of slide %s cannot be stored; refusing them", slide_id)
             answers.extend((slide_id, r.tile_id, "refused", f"{type(exc).__name__}: {exc}") for r, _ in items)
             continue
+        dups, replaced = dict(store.last_duplicates), dict(store.last_replaced)
         for (rec, info), fresh in zip(items, flags, strict=True):
             answers.append((slide_id, rec.tile_id, "stored" if fresh else "duplicate", ""))
             if fresh:
-                _tile_events(link, store, rec, info)
+                _tile_events(link, store, rec, info, dups, replaced)
     for slide_id, tile_id, status, error in answers:
         link.send([encode("stored", slide_id=slide_id, tile_id=tile_id, status=status, error=error)])
 
@@ -282,7 +299,22 @@ def _record(header: dict[str, Any], payload: list[Any], max_tile_bytes: int) -> 
     return rec, {"latency_ms": latency, "attempts": header.get("attempts", 1)}
 
 
-def _tile_events(link: Any, store: SlideStore, rec: TileRecord, info: dict[str, Any]) -> None:
+def _tile_events(
+    link: Any,
+    store: SlideStore,
+    rec: TileRecord,
+    info: dict[str, Any],
+    duplicates: dict[str, str] | None = None,
+    replaced: dict[str, str] | None = None,
+) -> None:
+    """``tile.done``/``reimage.done`` and ``cell.flagged`` for one committed tile.
+
+    A cell that is a second copy of a cell already stored from an overlapping tile (``duplicates``)
+    raises no ``cell.flagged``: the physical cell was announced with its counted copy. A better-centred
+    copy that takes over (``replaced``) names the earlier cell id in ``replaces``.
+    """
+    duplicates = duplicates or {}
+    replaced = replaced or {}
     h = rec.header
     res = rec.result
     kind = str(h.get("kind", "scan"))
@@ -299,6 +331,7 @@ def _tile_events(link: Any, store: SlideStore, rec: TileRecord, info: dict[str, 
         "width": shape[1] if len(shape) > 1 else 0,
         "n_cells": len(res.cells) if res else 0,
         "n_flagged": len(res.flags) if res else 0,
+        "n_duplicates": sum(c.cell_id in duplicates for c in res.cells) if res else 0,
         "status": "ok" if res is not None else "failed",
         "error": rec.error if res is None else "",
         "latency_ms": None if math.isnan(info["latency_ms"]) else round(info["latency_ms"], 3),
@@ -325,8 +358,12 @@ def _tile_events(link: Any, store: SlideStore, rec: TileRecord, info: dict[str, 
         return
     calls = {c.cell_id: c for c in res.calls}
     for flag in res.flags:
+        if flag.cell_id in duplicates:
+            continue
         call = calls.get(flag.cell_id)
         body = {**flag.to_wire(), "kind": kind}
+        if flag.cell_id in replaced:
+            body["replaces"] = replaced[flag.cell_id]
         if call is not None:
             body.update(
                 probabilities=call.probabilities,
