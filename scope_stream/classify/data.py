@@ -229,7 +229,9 @@ class CropCache:
 
     def save(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp.npz")
+        import os
+
+        tmp = self.path.with_suffix(f".{os.getpid()}.tmp.npz")  # one per process: runs may share a cache
         paths = sorted(self.images)
         size = next(iter(self.images.values())).shape if self.images else (0, 0, 3)
         np.savez(

@@ -184,24 +184,27 @@ def calibrate(
         "fitted_on": f"{len(cells)} cells held out of the training split ({run}/holdout.json)",
         "per_class": per_class,
     }
-    if anomaly_only:
-        info = {"anomaly_refit_on": info["fitted_on"], "anomaly_per_class": per_class}
-        out = refit_anomaly(clf, cells, bank_cells=bank, probe=probe, combine=parts, info=info)
-    else:
-        out = do_calibrate(
-            clf,
-            cells,
-            noises_per_timestep=noises,
-            false_flag_rate=false_flag_rate,
-            uncertain_flag_rate=uncertain_flag_rate,
-            centre_sigma=centre_sigma,
-            bank_cells=bank,
-            probe=probe,
-            combine=parts,
-            info=info,
-            temperature_share=temperature_share,
-            shifted_cells=shifted_cells,
-        )
+    try:
+        if anomaly_only:
+            info = {"anomaly_refit_on": info["fitted_on"], "anomaly_per_class": per_class}
+            out = refit_anomaly(clf, cells, bank_cells=bank, probe=probe, combine=parts, info=info)
+        else:
+            out = do_calibrate(
+                clf,
+                cells,
+                noises_per_timestep=noises,
+                false_flag_rate=false_flag_rate,
+                uncertain_flag_rate=uncertain_flag_rate,
+                centre_sigma=centre_sigma,
+                bank_cells=bank,
+                probe=probe,
+                combine=parts,
+                info=info,
+                temperature_share=temperature_share,
+                shifted_cells=shifted_cells,
+            )
+    except ValueError as exc:  # CalibrationError included: nothing was written
+        raise fail(str(exc)) from exc
     typer.echo(
         json.dumps(
             {
