@@ -51,6 +51,7 @@ from qtpy.QtWidgets import (
 )
 from superqt.utils import ensure_main_thread
 
+from scope_stream.classify.domain import domain_check
 from scope_stream.view.cells import CellRecord
 from scope_stream.view.counts import DifferentialCount, SlideState, slide_state
 from scope_stream.view.flags import PBC_CLASSES, ClassPalette, FlagFilter, FlaggedCellTable, flag_layer_data
@@ -947,9 +948,12 @@ class ScopeStreamWidget(QWidget):
         self.lbl_state.setText(state.value)
         self.lbl_state.setStyleSheet(_STATE_STYLE[state])
         self.lbl_slide.setText(f"{self.slide_id or 'slide'}" + (" (scan finished)" if self.status == "done" else ""))
+        dc = domain_check(r.flag_reasons for r in self.records.values() if r.kind == "WBC" and r.label)
         self.lbl_totals.setText(
             f"tiles {self.n_tiles} · cells {len(self.records)} classified · flagged {len(flagged)} · reviewed {n_rev}"
+            + (f"\ndomain check: {dc['message']}" if dc["n_classified"] else "")
         )
+        self.lbl_totals.setStyleSheet("color: #ff6b6b;" if dc["trusted"] is False else "")
 
     def _flush(self) -> None:
         d = self._dirty

@@ -20,7 +20,11 @@ from scope_stream.vocabulary import Cell, CellCall, CellKind, Flag, Tile, TileRe
 if TYPE_CHECKING:
     from scope_stream.classify.classifier import DiffusionClassifier
 
-__all__ = ["CellAnalyzer", "build_analyzer", "build_segment_only_analyzer"]
+__all__ = ["CANONICAL_SOURCE_UM_PER_PX", "CellAnalyzer", "build_analyzer", "build_segment_only_analyzer"]
+
+#: the scale white cells are cut from a tile at before a canonical-crop model makes them canonical: PBC's
+#: (a 128 px crop covers 25.6 µm), so a cell reaches the canonical step as sharp as the training crops were
+CANONICAL_SOURCE_UM_PER_PX = 0.2
 
 log = logging.getLogger(__name__)
 
@@ -37,19 +41,26 @@ class CellAnalyzer:
         self.classifier = classifier
         #: the flag thresholds in force: the config's where set, else the model's calibrated ones
         self.flags = config.flags.resolved(classifier.flag_thresholds() if classifier is not None else None)
+        #: white cells left unclassified because the classifier found no cell in their crop
+        self.refused = 0
         self.name = "segment+classify" if classifier is not None else "segment"
 
     def analyze(self, tiles: list[Tile]) -> list[TileResult]:
         from scope_stream.segment import extract_crops, segment_tile
 
         seg = self.config.segment
+        canonical = self.classifier.canonical if self.classifier is not None else None
         crop_px = self.classifier.image_size if self.classifier is not None else seg.crop_px
+        if canonical is not None:
+            crop_px = round(seg.crop_um / CANONICAL_SOURCE_UM_PER_PX)  # cut at the training crops' scale
         per_tile: list[tuple[Tile, list[Cell], list[Cell], np.ndarray, float]] = []
         for tile in tiles:
             t0 = time.perf_counter()
             cells = segment_tile(tile, seg)
             wbcs = [c for c in cells if c.kind == CellKind.WBC]
             crops = extract_crops(tile, wbcs, seg.crop_um, crop_px)
+            if canonical is not None and len(wbcs):
+                wbcs, crops = self._canonical(tile, wbcs, crops, seg.crop_um / crop_px)
             per_tile.append((tile, cells, wbcs, crops, (time.perf_counter() - t0) * 1e3))
 
         calls: list[CellCall] = []
@@ -59,7 +70,9 @@ class CellAnalyzer:
             t0 = time.perf_counter()
             all_crops = np.concatenate([c for *_, c, _ in per_tile if len(c)], axis=0)
             ids = [cell.cell_id for _, _, wbcs, _, _ in per_tile for cell in wbcs]
-            calls = self.classifier.classify(all_crops, ids, procedure=self.config.classifier.procedure)
+            calls = self.classifier.classify(
+                all_crops, ids, procedure=self.config.classifier.procedure, canonical=canonical is None
+            )
             classify_ms = (time.perf_counter() - t0) * 1e3
 
         results: list[TileResult] = []
@@ -82,6 +95,20 @@ class CellAnalyzer:
                 )
             )
         return results
+
+    def _canonical(
+        self, tile: Tile, wbcs: list[Cell], crops: np.ndarray, um_per_px: float
+    ) -> tuple[list[Cell], np.ndarray]:
+        """The white cells' canonical crops; a cell in whose crop the classifier finds no cell is left
+        unclassified (it stays among the tile's cells) and logged, never the whole tile."""
+        from scope_stream.classify.canonical import canonical_batch
+
+        assert self.classifier is not None and self.classifier.canonical is not None
+        batch = canonical_batch(crops, self.classifier.canonical, um_per_px=um_per_px, on_error="skip")
+        for i, reason in batch.errors.items():
+            log.warning("tile %s: cell %s left unclassified: %s", tile.tile_id, wbcs[i].cell_id, reason)
+        self.refused += len(batch.errors)
+        return [wbcs[int(i)] for i in batch.kept], batch.images
 
     def _flags(self, wbcs: list[Cell], calls: list[CellCall]) -> list[Flag]:
         from scope_stream.classify.flags import flag_call

@@ -77,6 +77,7 @@ class FlagReason(str, Enum):
     ANOMALY = "anomaly"  # unlike anything the classifier was trained on
     UNCERTAIN = "uncertain"  # the classifier cannot decide between classes
     ABNORMAL_CLASS = "abnormal_class"  # its class is on the configured abnormal list
+    UNFAMILIAR = "unfamiliar"  # looks unlike the model's training cells (another microscope, stain or cell type)
 
 
 # --------------------------------------------------------------------------------------- Tile
@@ -321,6 +322,9 @@ class CellCall(_Model):
     anomaly_score: float
     model_id: str
     evaluations: int = Field(default=0, ge=0)  # network evaluations spent on this cell
+    #: how unlike the model's training cells this cell looks, calibrated to [0, 1] on held-out normal cells
+    #: (a threshold q marks about 1 - q of them); None where the model cannot say (no feature bank)
+    unfamiliarity: float | None = Field(default=None, ge=0.0, le=1.0)
 
     @model_validator(mode="after")
     def _check(self) -> CellCall:

@@ -76,3 +76,78 @@ def test_classifier_settings_reach_the_worker(tiny_model: Path) -> None:
     )
     with pytest.raises(ValueError, match="precision"):
         ScopeStreamConfig.model_validate({"classifier": {"precision": "fp8"}})
+
+
+def _canonical_copy(model: Path, dest: Path) -> Path:
+    """The tiny model with a canonical-crop spec at its own size (trained on toy crops, so only the path
+    through canonical crops is under test here, not its accuracy)."""
+    import json
+    import shutil
+
+    out = dest / "canonical-model"
+    shutil.copytree(model, out)
+    cfg = json.loads((out / "config.json").read_text(encoding="utf-8"))
+    cfg["canonical"] = {"size": cfg["image_size"], "cell_fraction": 0.62, "context": "mask", "stain": "white"}
+    (out / "config.json").write_text(json.dumps(cfg), encoding="utf-8")
+    return out
+
+
+@pytest.mark.data
+def test_canonical_model_gets_canonical_crops_cut_at_the_training_scale(tiny_model: Path, tmp_path: Path) -> None:
+    from scope_stream.classify.canonical import canonical_batch
+
+    model = _canonical_copy(tiny_model, tmp_path)
+    cfg = ScopeStreamConfig.model_validate({"classifier": {"model": str(model)}})
+    analyzer = build_analyzer(cfg, "cpu")
+    assert analyzer.classifier is not None and analyzer.classifier.canonical is not None
+    tile = _bccd_tile("BloodImage_00000.jpg", "a")
+    res = analyzer.analyze([tile])[0]
+    wbcs = [c for c in res.cells if c.kind == CellKind.WBC]
+    assert wbcs and len(res.calls) == len(res.crop_cell_ids) == len(wbcs) - analyzer.refused
+    size = analyzer.classifier.image_size
+    assert res.crops.shape == (len(res.calls), size, size, 3)
+    # the stored crops are exactly the canonical crops of the cells cut at 0.2 µm/px
+    from scope_stream.segment import extract_crops
+
+    raw = extract_crops(tile, [c for c in wbcs if c.cell_id in set(res.crop_cell_ids)], cfg.segment.crop_um, 128)
+    np.testing.assert_array_equal(res.crops, canonical_batch(raw, analyzer.classifier.canonical).images)
+
+
+def test_canonical_model_leaves_a_cell_without_a_cell_unclassified(tiny_model: Path, tmp_path: Path) -> None:
+    from scope_stream.vocabulary import Cell
+
+    model = _canonical_copy(tiny_model, tmp_path)
+    analyzer = build_analyzer(ScopeStreamConfig.model_validate({"classifier": {"model": str(model)}}), "cpu")
+    blank = Tile(
+        np.full((256, 256, 3), 230, np.uint8), slide_id="s", tile_id="t", seq=0, x_um=0, y_um=0, pixel_size_um=0.2
+    )
+    ghost = Cell(
+        cell_id="t:0", tile_id="t", slide_id="s", kind=CellKind.WBC, centroid_px=(128.0, 128.0),
+        bbox=(120, 120, 136, 136), area_px=200, x_um=0.0, y_um=0.0,
+    )  # fmt: skip
+    kept, crops = analyzer._canonical(blank, [ghost], np.full((1, 128, 128, 3), 230, np.uint8), 0.2)
+    assert kept == [] and crops.shape[0] == 0 and analyzer.refused == 1
+
+
+def test_unfamiliar_cells_are_flagged_with_their_own_reason() -> None:
+    from scope_stream.classify.flags import flag_call
+    from scope_stream.config.classify import FlagConfig
+    from scope_stream.vocabulary import Cell, CellCall, FlagReason
+
+    cell = Cell(
+        cell_id="c", tile_id="t", slide_id="s", kind=CellKind.WBC, centroid_px=(5.0, 5.0),
+        bbox=(0, 0, 10, 10), area_px=50, x_um=1.0, y_um=2.0,
+    )  # fmt: skip
+
+    def call(unfamiliarity: float | None) -> CellCall:
+        return CellCall(
+            cell_id="c", label="a", probabilities={"a": 0.99, "b": 0.01}, uncertainty=0.05, margin=0.98,
+            anomaly_score=0.1, model_id="m", unfamiliarity=unfamiliarity,
+        )  # fmt: skip
+
+    cfg = FlagConfig(anomaly_threshold=0.85, uncertainty_threshold=0.6)
+    assert flag_call(cell, call(None), cfg) is None
+    assert flag_call(cell, call(0.5), cfg) is None
+    flag = flag_call(cell, call(0.97), cfg)
+    assert flag is not None and flag.reasons == [FlagReason.UNFAMILIAR] and flag.score == pytest.approx(0.97)
+    assert flag_call(cell, call(0.97), FlagConfig(unfamiliar_threshold=0.99)) is None

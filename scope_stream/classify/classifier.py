@@ -286,13 +286,22 @@ class DiffusionClassifier:
             probe_gap,
         )
 
-    def classify(self, crops: np.ndarray, cell_ids: list[str], procedure: Procedure = "fast") -> list[CellCall]:
-        """One :class:`CellCall` per crop (``crops`` is ``(N, H, W, 3)`` uint8; resized as needed)."""
+    def classify(
+        self,
+        crops: np.ndarray | Sequence[np.ndarray],
+        cell_ids: list[str],
+        procedure: Procedure = "fast",
+        *,
+        canonical: bool = True,
+        um_per_px: float | None = None,
+    ) -> list[CellCall]:
+        """One :class:`CellCall` per crop (raw crops, made the model's input by :meth:`model_crops`;
+        ``canonical=False`` when they already are its input images)."""
         if len(cell_ids) != len(crops):
             raise ValueError(f"got {len(crops)} crops but {len(cell_ids)} cell_ids")
         if len(cell_ids) == 0:
             return []
-        s = self.score(crops, procedure)
+        s = self.score(crops, procedure, canonical=canonical, um_per_px=um_per_px)
         calls = []
         for i, cid in enumerate(cell_ids):
             p = s.probabilities[i]
@@ -308,6 +317,7 @@ class DiffusionClassifier:
                     anomaly_score=float(s.anomaly[i]),
                     model_id=self.model_id,
                     evaluations=int(s.evaluations[i]),
+                    unfamiliarity=float(s.anomaly_feature[i]) if s.anomaly_feature is not None else None,
                 )
             )
         return calls

@@ -26,6 +26,9 @@ def flag_call(cell: Cell, call: CellCall, cfg: FlagConfig) -> Flag | None:
     if call.uncertainty >= cfg.uncertainty:
         reasons.append(FlagReason.UNCERTAIN)
         scores.append(call.uncertainty)
+    if call.unfamiliarity is not None and call.unfamiliarity >= cfg.unfamiliar_threshold:
+        reasons.append(FlagReason.UNFAMILIAR)
+        scores.append(call.unfamiliarity)
     if call.label in set(cfg.abnormal_classes):
         reasons.append(FlagReason.ABNORMAL_CLASS)
         scores.append(call.probabilities.get(call.label, 1.0))

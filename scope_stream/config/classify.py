@@ -39,6 +39,12 @@ class FlagConfig(Section):
     anomaly_threshold: float | None = Field(default=None, ge=0, le=1)
     uncertainty_threshold: float | None = Field(default=None, ge=0, le=1)
     abnormal_classes: list[str] = Field(default_factory=list)
+    # "unfamiliar appearance": the cell's calibrated distance to the training cells in the model's own features
+    # (about 1 - q of normal held-out cells reach q); a slide where many cells do is from unfamiliar ground
+    unfamiliar_threshold: float = Field(default=0.95, ge=0, le=1)
+    # the slide's domain check: the differential is not to be trusted when more than this share of its white
+    # cells look unfamiliar (about 5% of cells from the training lab do at the default threshold)
+    unfamiliar_slide_share: float = Field(default=0.25, gt=0, le=1)
 
     def resolved(self, model_flags: dict[str, float] | None) -> FlagConfig:
         """This config with unset thresholds taken from ``model_flags`` (the model's calibrated values;

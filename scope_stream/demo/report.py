@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from scope_stream.classify.domain import domain_check
+
 from .metrics import Point, differential_count, match_points, percentiles, score_scan
 
 if TYPE_CHECKING:
@@ -71,6 +73,7 @@ def build_report(
             "platelet": sum(c["kind"] == "platelet" for c in scan_cells),
         },
         "differential": differential_count(c["label"] for c in wbc if c["label"]),
+        "domain_check": domain_check(c["flag_reasons"] for c in wbc if c["label"]),
         "flagged": [
             {
                 "cell_id": c["cell_id"],
@@ -240,6 +243,13 @@ def write_html(report: dict[str, Any], store: SlideStore, out_dir: Path, max_cel
         f"p95 {sp['latency_ms']['p95']} ms</td></tr>",
         f"<tr><th>Needs review</th><td>{'yes' if report['needs_review'] else 'no'}</td></tr>",
     ]
+    dc = report.get("domain_check")
+    if dc:
+        colour = "#b00020" if dc.get("trusted") is False else "inherit"
+        rows.insert(
+            0,
+            f"<tr><th>Domain check</th><td style='color:{colour}'>{esc(str(dc['message']))}</td></tr>",
+        )
     diff = "".join(
         f"<tr><td>{esc(k)}</td><td>{v['count']}</td><td>{v['percent']}%</td></tr>"
         for k, v in report["differential"].items()

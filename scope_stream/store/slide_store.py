@@ -33,6 +33,7 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, ZstdCodec
 
+from scope_stream.classify.domain import domain_check
 from scope_stream.config.store import StoreConfig
 from scope_stream.transport.validate import is_safe_id
 from scope_stream.vocabulary import Tile, TileResult, VocabularyError
@@ -495,7 +496,7 @@ class SlideStore:
         """Counts over the committed tiles and cells: differential, flags, kinds."""
         tiles = self._tile_table.read(self._n_tiles, ["status", "kind"])
         cells = self._cell_table.read(
-            self._n_cells, ["cell_id", "kind", "label", "flagged", "duplicate_of", "replaces"]
+            self._n_cells, ["cell_id", "kind", "label", "flagged", "flag_reasons", "duplicate_of", "replaces"]
         )
         counted = self.counted_mask(cells)
         n_dup = int(np.sum(~counted))
@@ -522,6 +523,11 @@ class SlideStore:
             "kinds": kinds,
             "differential": dict(sorted(differential.items())),
             "differential_percent": {k: round(100.0 * v / classified, 2) for k, v in sorted(differential.items())},
+            "domain_check": domain_check(
+                str(r).split(",")
+                for kind, label, r in zip(cells["kind"], cells["label"], cells["flag_reasons"], strict=True)
+                if kind == "WBC" and label
+            ),
         }
 
     # ------------------------------------------------------------------------------- tiles
