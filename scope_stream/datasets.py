@@ -75,7 +75,13 @@ def read_labels_csv(folder: Path | str, split: str | None = None) -> list[Labell
     root = Path(folder)
     csv_path = root / "labels.csv"
     if not csv_path.is_file():
-        raise DatasetError(f"{csv_path} not found: a data folder needs a labels.csv with columns path,label[,split]")
+        found = _class_folders(root)
+        if found:
+            return found if split is None else [r for r in found if r.split == split]
+        raise DatasetError(
+            f"{csv_path} not found: a data folder needs a labels.csv with columns path,label[,split], or one "
+            "sub-folder of images per class (the folder name is the label)"
+        )
     rows: list[LabelledImage] = []
     with csv_path.open(newline="", encoding="utf-8") as fh:
         reader = csv.DictReader(fh)
@@ -93,6 +99,23 @@ def read_labels_csv(folder: Path | str, split: str | None = None) -> list[Labell
             )
             if split is None or item.split == split:
                 rows.append(item)
+    return rows
+
+
+#: image files a class-per-folder dataset may hold
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp")
+
+
+def _class_folders(root: Path) -> list[LabelledImage]:
+    """A folder with one sub-folder of images per class (as torchvision's ImageFolder reads): its images,
+    labelled by their folder's name, in sorted order; empty when there is none."""
+    if not root.is_dir():
+        return []
+    rows: list[LabelledImage] = []
+    for sub in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        for img in sorted(sub.iterdir()):
+            if img.is_file() and img.suffix.lower() in IMAGE_SUFFIXES:
+                rows.append(LabelledImage(path=img.resolve(), label=sub.name))
     return rows
 
 
