@@ -44,8 +44,8 @@ def test_class_folders_are_read_without_labels_csv(tmp_path: Path) -> None:
 def test_evaluate_a_foreign_folder_of_tight_crops_with_a_canonical_model(tmp_path: Path) -> None:
     from PIL import Image
 
-    from scope_stream.cli import app
     from scope_stream.classify.testing import make_tiny_model
+    from scope_stream.cli import app
 
     model = make_tiny_model(tmp_path / "tiny", steps=40, feature_bank=False)
     cfg = json.loads((model / "config.json").read_text(encoding="utf-8"))

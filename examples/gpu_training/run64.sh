@@ -20,9 +20,10 @@ PACKED=${PACKED:-.gpu}; PER=${PER:-80}; BANK=${BANK:-500}; LIMIT=${LIMIT:-}; SHI
 BCCD_FIELDS=${BCCD_FIELDS:-100}; TP_CELLS=${TP_CELLS:-4096}; TP_BATCH=${TP_BATCH:-2048,8192}
 export SCOPE_STREAM_DATA=$PACKED/data SCOPE_STREAM_CROP_CACHE=${SCOPE_STREAM_CROP_CACHE:-/tmp/sscache}
 mkdir -p "$OUT" "$R/logs" "$R/metrics" "$R/models"
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 if [ -n "${WHEELS-1}" ] && [ -d .whl ]; then
   $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH=/tmp/site || exit 1
+    && export PYTHONPATH=/tmp/site:$PYTHONPATH || exit 1
 fi
 (nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || true)
 $PY -c "import torch, diffusers, pydantic; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())" || exit 1
