@@ -114,7 +114,7 @@ def pick_jpeg(images: Any, jpeg: Any, idx: np.ndarray, rng: np.random.Generator,
         return images[idx]
     import torch
 
-    swap = torch.from_numpy(rng.random(len(idx)) < probability)[:, None, None, None]
+    swap = torch.from_numpy(rng.random(len(idx)) < probability)[:, None, None, None].to(images.device)
     return torch.where(swap, jpeg[idx], images[idx])
 
 
@@ -202,8 +202,12 @@ def train_diffusion(cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
     )
     train = crops.subset(~hold)
     y_all = train.label_indices(classes)
-    images = torch.from_numpy(train.images)  # uint8, kept on CPU; batches move to the device
+    # uint8 crops: on a GPU they live there (a few hundred MB at most), so a batch is gathered without a copy
+    on_gpu = device.startswith("cuda")
+    images = torch.from_numpy(train.images).to(device if on_gpu else "cpu")
     jpeg = torch.from_numpy(jpeg_copies(train.images, cfg.seed)) if cfg.jpeg_probability > 0 else None
+    if jpeg is not None and on_gpu:
+        jpeg = jpeg.to(device)
     by_class = [np.flatnonzero(y_all == k) for k in range(len(classes))]
 
     vae: Any = None
@@ -322,8 +326,13 @@ def train_diffusion(cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
                 with torch.no_grad():
                     x0 = encode(vae, ae_spec, x0, sample=True, generator=gen)
             labels = torch.as_tensor(y_all[idx], device=device)
-            noise = torch.randn(x0.shape, generator=gen).to(device)
-            t = torch.randint(0, spec.num_train_timesteps, (x0.shape[0],), generator=gen).to(device)
+            if on_gpu:  # the batch's noise drawn where it is used: no CPU draw and copy per step
+                gdev = torch.Generator(device=device).manual_seed(int(rng.integers(0, 2**62)))
+                noise = torch.randn(x0.shape, generator=gdev, device=device)
+                t = torch.randint(0, spec.num_train_timesteps, (x0.shape[0],), generator=gdev, device=device)
+            else:  # the CPU draws as before, so earlier CPU runs replay exactly
+                noise = torch.randn(x0.shape, generator=gen).to(device)
+                t = torch.randint(0, spec.num_train_timesteps, (x0.shape[0],), generator=gen).to(device)
             a = acp[t].view(-1, 1, 1, 1)
             xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
             lr = lr_at(cfg, step, elapsed)
