@@ -182,13 +182,9 @@ def pbc_metrics(
     )
 
     t0 = time.perf_counter()
-    images, kept, errors = prepare(model, crops)
-    out: dict[str, Any] = {"n_cells": len(crops), "n_refused": len(crops) - len(kept)}
-    if errors:
-        out["refused_reasons"] = _reasons(errors)
-    if len(kept) == 0:
+    out, kept, s = _prepare_and_score(model, crops)
+    if s is None:
         return out
-    s = score(model, images)
     lab = [labels[i] for i in kept]
     lookup = {c: i for i, c in enumerate(model.classes)}
     y = np.array([lookup.get(v, -1) for v in lab], dtype=np.int64)
@@ -226,15 +222,20 @@ def pbc_metrics(
     return out
 
 
-def bccd_metrics(model: Any, crops: Sequence[np.ndarray], thresholds: tuple[float, float]) -> dict[str, Any]:
-    t0 = time.perf_counter()
+def _prepare_and_score(model: Any, crops: Sequence[np.ndarray]) -> tuple[dict[str, Any], np.ndarray, Any]:
+    """The model's input for ``crops`` and its scores (None when every crop was refused), with the counts."""
     images, kept, errors = prepare(model, crops)
     out: dict[str, Any] = {"n_cells": len(crops), "n_refused": len(crops) - len(kept)}
     if errors:
         out["refused_reasons"] = _reasons(errors)
-    if len(kept) == 0:
+    return out, kept, score(model, images) if len(kept) else None
+
+
+def bccd_metrics(model: Any, crops: Sequence[np.ndarray], thresholds: tuple[float, float]) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    out, kept, s = _prepare_and_score(model, crops)
+    if s is None:
         return out
-    s = score(model, images)
     conf = s.probabilities.max(axis=1)
     flagged = s.anomaly >= thresholds[0]
     uncertain = s.uncertainty >= thresholds[1]

@@ -25,6 +25,7 @@ from typing_extensions import Self
 
 __all__ = [
     "PIXEL_DTYPES",
+    "TILE_FIELDS",
     "Cell",
     "CellCall",
     "CellKind",
@@ -227,11 +228,11 @@ class Tile:
                 f"tile buffer holds {nbytes} bytes but shape {list(shape)} x {dtype.name} needs {expected}"
             )
         pixels = np.frombuffer(buffer, dtype=dtype).reshape(shape)
-        fields = {k: header[k] for k in _TILE_FIELDS if k in header}
+        fields = {k: header[k] for k in TILE_FIELDS if k in header}
         missing = [k for k in _TILE_REQUIRED if k not in header]
         if missing:
             raise VocabularyError(f"tile header lacks {missing}")
-        unknown = set(header) - set(_TILE_FIELDS) - {"dtype", "shape"}
+        unknown = set(header) - set(TILE_FIELDS) - {"dtype", "shape"}
         if unknown:
             raise VocabularyError(f"tile header has unknown fields {sorted(unknown)}")
         return cls(pixels, **fields)
@@ -259,7 +260,8 @@ class Tile:
         )
 
 
-_TILE_FIELDS = (
+#: the fields of a tile header besides its pixels' ``dtype`` and ``shape`` (one list: the wire and the store)
+TILE_FIELDS = (
     "slide_id",
     "tile_id",
     "seq",

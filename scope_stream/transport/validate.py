@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from scope_stream.vocabulary import PIXEL_DTYPES
+from scope_stream.vocabulary import PIXEL_DTYPES, TILE_FIELDS
 
 __all__ = [
     "MAX_DEPTH",
@@ -199,23 +199,7 @@ def check_req(value: object) -> str | int | None:
     )
 
 
-_TILE_FIELDS = frozenset(
-    {
-        "slide_id",
-        "tile_id",
-        "seq",
-        "x_um",
-        "y_um",
-        "z_um",
-        "pixel_size_um",
-        "objective",
-        "acquired_at",
-        "kind",
-        "metadata",
-        "dtype",
-        "shape",
-    }
-)
+_TILE_FIELDS = frozenset(TILE_FIELDS) | {"dtype", "shape"}
 
 
 def check_tile_header(tile: Any, payload_bytes: int | None, max_tile_bytes: int) -> tuple[str, tuple[int, ...]]:
