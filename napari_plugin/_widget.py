@@ -299,6 +299,11 @@ class ScopeStreamWidget(QWidget):
         self.lbl_review_save = QLabel("")
         self.lbl_review_save.setWordWrap(True)
         rl.addWidget(self.lbl_review_save)
+        self.lbl_review_keys = QLabel("")  # the review key map (also the panel's tooltip)
+        self.lbl_review_keys.setWordWrap(True)
+        self.lbl_review_keys.setStyleSheet("color: grey; font-size: 11px;")
+        rl.addWidget(self.lbl_review_keys)
+        self._show_review_keys(KeyMap.for_model(()))
         self.tabs.addTab(review_tab, "Review")
 
     def _build_live_tab(self) -> QWidget:
@@ -1048,13 +1053,22 @@ class ScopeStreamWidget(QWidget):
     def _rebuild_session(self) -> None:
         everything = self.cb_review_scope.currentIndex() == 1
         recs = [r for r in self.records.values() if r.classified and (everything or r.flagged)]
-        keymap = KeyMap.for_classes(self._classes or list(PBC_CLASSES))
+        # every class the model knows, plus ig / erythroblast, other (9) and artefact (0): docs/napari.md
+        keymap = KeyMap.for_model(self._classes)
         if self.session is not None:
             self.session.pause()
         self.session = ReviewSession(recs, writer=self._write_review, keymap=keymap, skip_reviewed=False)
         self.review_panel.set_session(self.session)
+        self._show_review_keys(keymap)
         if not self.review_panel.hasFocus():
             self.session.pause()
+
+    def _show_review_keys(self, keymap: KeyMap) -> None:
+        """The key map as a tooltip on the review panel and its start button, and as a help line."""
+        text = keymap.describe()
+        self.review_panel.setToolTip(text)
+        self.btn_review_start.setToolTip(text)
+        self.lbl_review_keys.setText(text)
 
     def _write_review(self, d: Decision) -> None:
         if self.writer is None:

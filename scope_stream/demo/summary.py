@@ -6,6 +6,8 @@ from typing import Any
 
 from rich.table import Table
 
+from .report import fmt_seconds
+
 
 def _fmt(v: Any, spec: str = "") -> str:
     return "n/a" if v is None else format(v, spec)
@@ -18,7 +20,11 @@ def summary_table(report: dict[str, Any]) -> Table:
     t.add_row("tiles", f"{report['tiles']['scan']} scanned, {report['tiles']['reimage']} re-imaged")
     c = report["cells"]
     t.add_row("cells", f"{c['WBC']} white, {c['RBC']} red, {c['platelet']} platelets")
-    diff = ", ".join(f"{k} {v['percent']:.0f}%" for k, v in report["differential"].items()) or "-"
+    dt = report.get("differential_table")
+    if dt:  # the report's differential: every class, the unfamiliar/unclassified cells apart (zeros left out here)
+        diff = ", ".join(f"{r['class']} {r['percent']:.0f}%" for r in dt["rows"] if r["count"]) or "-"
+    else:
+        diff = ", ".join(f"{k} {v['percent']:.0f}%" for k, v in report["differential"].items()) or "-"
     t.add_row("differential", diff)
     t.add_row("flagged", f"{len(report['flagged'])} cells; needs review: {'yes' if report['needs_review'] else 'no'}")
     gt = report.get("ground_truth")
@@ -37,9 +43,14 @@ def summary_table(report: dict[str, Any]) -> Table:
             f" ({cs['matched']} cells)",
         )
     sp = report["speed"]
+    lat = sp.get("latency_ms") or {}
     t.add_row(
         "speed",
-        f"{_fmt(sp['tiles_per_s'], '.2f')} tiles/s; latency p50 {_fmt(sp['latency_ms']['p50'], '.0f')} ms, "
-        f"p95 {_fmt(sp['latency_ms']['p95'], '.0f')} ms",
+        f"scan {fmt_seconds(sp.get('scan_seconds'))}, {_fmt(sp['tiles_per_s'], '.2f')} fields/s; field sent → stored: "
+        f"median {fmt_seconds(_s(lat.get('p50')))}, p95 {fmt_seconds(_s(lat.get('p95')))}",
     )
     return t
+
+
+def _s(ms: float | None) -> float | None:
+    return None if ms is None else float(ms) / 1000.0

@@ -6,7 +6,11 @@ Review time, not compute, limits today's analysers (users of a commercial analys
 * cells are grouped by the model's predicted class (a reviewer checks a run of "ig" calls at a
   glance) and, within a group, the most anomalous / uncertain come first; groups are ordered by
   their most urgent cell;
-* one key per action: accept the model's call, re-label with a key per class, skip, go back;
+* one key per action: accept the model's call, re-label with a key per label, skip, go back. A
+  reviewer can give every class the model knows, the PBC abnormal classes the model may not (``ig``,
+  ``erythroblast``), ``other`` (a white cell of no listed class) and ``artefact`` (not a cell):
+  :func:`review_labels`, keyed by :meth:`KeyMap.for_model` (``1``-``8`` the PBC classes whatever the
+  model, ``9`` other, ``0`` artefact, letters for the model's further classes);
 * every decision is timed (the time the cell was on screen, summed over visits) and handed to a
   writer, normally ``SlideStore.set_review(cell_id, label, reviewer, seconds)``, which appends a
   review row beside the model's call and never overwrites it.
@@ -28,13 +32,50 @@ from .cells import CellRecord
 from .flags import PBC_CLASSES
 
 __all__ = [
+    "ARTEFACT",
+    "OTHER",
+    "PBC_ABNORMAL",
     "Decision",
     "KeyMap",
     "ReviewAction",
     "ReviewSession",
     "ReviewSummary",
+    "review_labels",
     "review_summary",
 ]
+
+#: the reviewer's label for a white cell of none of the listed classes (e.g. a blast a model cannot name)
+OTHER = "other"
+#: the reviewer's label for something that is not a cell (debris, stain, a smudge); always key ``0``
+ARTEFACT = "artefact"
+#: PBC classes that mark an abnormal smear: a reviewer can give them even when the model cannot name them
+PBC_ABNORMAL: tuple[str, ...] = ("ig", "erythroblast")
+#: keys for labels beyond ``1``-``8`` (free of the accept / skip / back letters A, N, P)
+OVERFLOW_KEYS: tuple[str, ...] = tuple("QWERTYUIOSDFGHJKLZXCVBM")
+
+
+def review_labels(model_classes: Iterable[str] = ()) -> list[str]:
+    """Every label a reviewer can give, in key order: the PBC classes
+    (:data:`~scope_stream.view.flags.PBC_CLASSES`, in that order, whether the model knows them or not: the PBC
+    abnormal classes :data:`PBC_ABNORMAL` above all), then the model's other classes in its order, then
+    :data:`OTHER` and :data:`ARTEFACT`. So a reviewer's keys for the PBC classes never move with the model."""
+    extra = [c for c in dict.fromkeys(model_classes) if c and c not in PBC_CLASSES and c not in (OTHER, ARTEFACT)]
+    return [*PBC_CLASSES, *extra, OTHER, ARTEFACT]
+
+
+def _assign_keys(classes: Sequence[str], digits: int) -> dict[str, str]:
+    """``1``..``digits`` for the first classes, then :data:`OVERFLOW_KEYS`."""
+    keys = [str(i + 1) for i in range(digits)] + list(OVERFLOW_KEYS)
+    if len(classes) > len(keys):
+        raise ValueError(f"{len(classes)} classes are more than the {len(keys)} review keys")
+    return dict(zip(keys, classes, strict=False))
+
+
+def _key_order(key: str) -> tuple[int, int, str]:
+    """Digits 1-9, then 0, then letters in :data:`OVERFLOW_KEYS` order."""
+    if key.isdigit():
+        return (0, int(key) if key != "0" else 10, key)
+    return (1, OVERFLOW_KEYS.index(key) if key in OVERFLOW_KEYS else len(OVERFLOW_KEYS), key)
 
 
 class ReviewAction(str, Enum):
@@ -48,30 +89,51 @@ class ReviewAction(str, Enum):
 class KeyMap:
     """Key names (as Qt spells them: ``"A"``, ``"Space"``, ``"Right"``, ``"1"``) to review actions.
 
-    ``class_keys`` maps a key to a class label; by default ``1``..``8`` are the PBC classes in
-    :data:`~scope_stream.view.flags.PBC_CLASSES` order and ``0`` is ``"artefact"`` (not a cell).
+    ``class_keys`` maps a key to a class label; by default (:meth:`for_model` without a model) ``1``..``8``
+    are the PBC classes in :data:`~scope_stream.view.flags.PBC_CLASSES` order (neutrophil, lymphocyte,
+    monocyte, eosinophil, basophil, ig, erythroblast, platelet), ``9`` is ``"other"`` and ``0`` is
+    ``"artefact"`` (not a cell).
     """
 
     accept: tuple[str, ...] = ("A", "Space", "Return", "Enter")
     next: tuple[str, ...] = ("Right", "N", "Down")
     previous: tuple[str, ...] = ("Left", "P", "Up", "Backspace")
-    class_keys: Mapping[str, str] = field(
-        default_factory=lambda: {str(i + 1): c for i, c in enumerate(PBC_CLASSES)} | {"0": "artefact"}
-    )
+    class_keys: Mapping[str, str] = field(default_factory=lambda: dict(KeyMap.for_model(()).class_keys))
+
+    @classmethod
+    def for_model(cls, model_classes: Iterable[str] = ()) -> KeyMap:
+        """The review keys for a model: every label of :func:`review_labels`; ``1``-``8`` the PBC classes, the
+        model's further classes on letters (:data:`OVERFLOW_KEYS`), ``9`` other and ``0`` artefact, always."""
+        labels = [c for c in review_labels(model_classes) if c not in (OTHER, ARTEFACT)]
+        keys = _assign_keys(labels, 8)
+        keys.update({"9": OTHER, "0": ARTEFACT})
+        return cls(class_keys=dict(sorted(keys.items(), key=lambda kv: _key_order(kv[0]))))
 
     @classmethod
     def for_classes(cls, classes: Sequence[str], extra: Mapping[str, str] | None = None) -> KeyMap:
-        """Keys ``1``..``9`` for up to nine classes (in order), plus ``extra`` (default ``0``: artefact)."""
-        keys = {str(i + 1): c for i, c in enumerate(list(classes)[:9])}
-        keys.update({"0": "artefact"} if extra is None else dict(extra))
+        """Keys ``1``..``9`` for the classes in order (letters beyond nine), plus ``extra`` (default ``0``:
+        artefact)."""
+        keys = _assign_keys(list(dict.fromkeys(classes)), 9)
+        keys.update({"0": ARTEFACT} if extra is None else dict(extra))
         return cls(class_keys=keys)
+
+    @property
+    def labels(self) -> list[str]:
+        """The labels a reviewer can give, in key order."""
+        return [v for _k, v in sorted(self.class_keys.items(), key=lambda kv: _key_order(kv[0]))]
+
+    def key_for(self, label: str) -> str | None:
+        """The key that gives ``label`` (None if none does)."""
+        return next((k for k, v in self.class_keys.items() if v == label), None)
 
     def action(self, key: str) -> tuple[ReviewAction, str] | None:
         """``(action, label)`` for a key name (label only for RELABEL), or None if unbound."""
         k = key.strip()
+        up = k.upper() if len(k) == 1 else k
         if k in self.class_keys:
             return ReviewAction.RELABEL, self.class_keys[k]
-        up = k.upper() if len(k) == 1 else k
+        if up in self.class_keys:
+            return ReviewAction.RELABEL, self.class_keys[up]
         if up in self.accept or k in self.accept:
             return ReviewAction.ACCEPT, ""
         if up in self.next or k in self.next:
@@ -84,8 +146,18 @@ class KeyMap:
         """``(key, what it does)`` pairs for the widget's help line."""
         rows = [("/".join(self.accept[:2]), "accept"), ("/".join(self.next[:1]), "skip")]
         rows.append(("/".join(self.previous[:1]), "back"))
-        rows += [(k, v) for k, v in sorted(self.class_keys.items())]
+        rows += sorted(self.class_keys.items(), key=lambda kv: _key_order(kv[0]))
         return rows
+
+    def describe(self) -> str:
+        """The key map in words, for the widget's tooltip and help line."""
+        arrows = {"Right": "→", "Left": "←", "Up": "↑", "Down": "↓", "Return": "Enter"}
+        nav = " · ".join(
+            f"{' / '.join(arrows.get(k, k) for k in keys)} {what}"
+            for keys, what in ((self.accept[:3], "accept"), (self.next[:1], "skip"), (self.previous[:1], "back"))
+        )
+        classes = " · ".join(f"{k} {v}" for k, v in self.legend()[3:])
+        return f"Review keys: {nav}\nRe-label: {classes}"
 
 
 @dataclass(frozen=True)
