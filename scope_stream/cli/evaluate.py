@@ -28,8 +28,12 @@ def evaluate_detection(
     voc: Annotated[Path, typer.Option("--voc", help="Pascal-VOC folder: JPEGImages/ and Annotations/.")],
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the figures here as JSON.")] = None,
     um_per_px: Annotated[
-        float, typer.Option("--um-per-px", help="Pixel size of the VOC images (BCCD: 0.075 µm/px).")
-    ] = 0.075,
+        float | None,
+        typer.Option(
+            "--um-per-px",
+            help="Pixel size of the VOC images (BCCD: 0.075 µm/px). Default: estimated per field from its red cells.",
+        ),
+    ] = None,
     config: Annotated[
         Path | None, typer.Option("--config", "-c", help="scope-stream YAML whose `segment:` section to use.")
     ] = None,
@@ -52,10 +56,18 @@ def evaluate_detection(
     virtual_um_per_px: Annotated[
         float, typer.Option("--virtual-um-per-px", help="Virtual tile pixel size (scan objective: 0.5).")
     ] = 0.5,
+    examples: Annotated[
+        Path | None,
+        typer.Option("--examples", help="Write PNG overlays of fields with misses and false calls to this folder."),
+    ] = None,
+    n_examples: Annotated[int, typer.Option("--n-examples", help="How many example overlays.")] = 8,
 ) -> None:
     """Detection figures on annotated smear fields (WBC, RBC, Platelets boxes): a table and a JSON file.
 
-    White cells: precision / recall / F1 at IoU >= 0.5 and by centroid. Red cells: count error against
+    White cells: precision / recall / F1 at IoU >= 0.5 and by centroid; every kind: IoU >= 0.5
+    precision / recall and the quantiles of each annotated box's best IoU. Pixel size: each field's own
+    estimate from its red cells (median and spread over fields); used for segmentation unless
+    --um-per-px is given. Red cells: count error against
     the annotations (mean absolute %) and recall of annotated cells. Platelets: recall. Speed: ms per
     field and per 2048x2048 tile. Each figure for all fields, the even-indexed half (used for tuning)
     and the odd-indexed half (held out).
@@ -65,13 +77,14 @@ def evaluate_detection(
     from rich.table import Table
 
     from scope_stream.config import ConfigError, SegmentConfig, load_scope_config
-    from scope_stream.datasets import DatasetError
+    from scope_stream.datasets import BCCD_UM_PER_PX, DatasetError
     from scope_stream.segment.evaluate import (
         evaluate_fields,
         evaluate_virtual,
         list_voc_fields,
         summarise,
         time_large_tiles,
+        write_examples,
     )
 
     console = Console()
@@ -80,7 +93,7 @@ def evaluate_detection(
         fields = list_voc_fields(voc, limit=limit)
     except (ConfigError, DatasetError) as exc:
         raise fail(str(exc)) from exc
-    if not (um_per_px > 0):
+    if um_per_px is not None and not (um_per_px > 0):
         raise fail(f"--um-per-px must be > 0, got {um_per_px}")
     try:
         sizes = [float(s) for s in tile_um_per_px.split(",") if s.strip()]
@@ -94,7 +107,7 @@ def evaluate_detection(
         large = []
         for s in sizes:
             progress.update(task, description=f"timing a 2048x2048 tile at {s} µm/px")
-            large.append(time_large_tiles(fields, um_per_px, s, cfg=cfg))
+            large.append(time_large_tiles(fields, um_per_px or _median_px(results, BCCD_UM_PER_PX), s, cfg=cfg))
         virtual: dict[str, Any] | None = None
         if virtual_tiles > 0:
             vtask = progress.add_task(f"virtual slide: {virtual_tiles} tiles", total=virtual_tiles)
@@ -117,7 +130,7 @@ def evaluate_detection(
     report: dict[str, Any] = {
         "voc": str(voc),
         "fields": len(results),
-        "um_per_px": um_per_px,
+        "um_per_px": um_per_px if um_per_px is not None else "estimated per field",
         "cpu": pinned,
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS", ""),
         "python": sys.version.split()[0],
@@ -129,6 +142,11 @@ def evaluate_detection(
             {"field": r.name, "gt": r.wbc_gt, "found": r.wbc_found, "tp_iou50": r.wbc_tp_iou, "best_iou": r.wbc_ious}
             for r in results
             if r.wbc_tp_iou != r.wbc_gt or r.wbc_found != r.wbc_gt
+        ],
+        "pixel_size_per_field": [
+            {"field": r.name, "used": r.um_per_px, "source": r.pixel_size_source, **r.estimate}
+            | ({"warning": r.pixel_size_warning} if r.pixel_size_warning else {})
+            for r in results
         ],
     }
     _print_table(console, subsets, large, Table)
@@ -148,10 +166,39 @@ def evaluate_detection(
                 f"  {e['field']}: annotated {e['gt']}, found {e['found']}, matched at IoU>=0.5 {e['tp_iou50']}",
                 highlight=False,
             )
+    ps = subsets["all"].get("pixel_size", {})
+    if ps.get("median_um_per_px") is not None:
+        q = ps["quantiles_um_per_px"]
+        console.print(
+            f"pixel size from the red cells: median {ps['median_um_per_px']} µm/px over {ps['fields_estimated']} "
+            f"fields (p10-p90 {q['p10']}-{q['p90']}, relative spread {ps['spread_rel']}), "
+            f"{ps['fields_without_estimate']} without an estimate, {ps['fields_warned']} disagreeing with "
+            f"--um-per-px by >15%; {ps['estimate_ms_median']} ms per field (median)",
+            highlight=False,
+        )
+    for kind, q in subsets["all"].get("iou_quantiles", {}).items():
+        if q:
+            pr = subsets["all"]["iou50"][kind]
+            console.print(
+                f"{kind}: best IoU per annotated box p10/p25/p50/p75/p90 "
+                f"{q['p10']}/{q['p25']}/{q['p50']}/{q['p75']}/{q['p90']}; "
+                f"IoU>=0.5 precision {pr['precision']} recall {pr['recall']}",
+                highlight=False,
+            )
+    if examples is not None:
+        written = write_examples(results, fields, examples, n=n_examples)
+        report["examples"] = [str(p) for p in written]
+        console.print(f"{len(written)} example overlays written to {examples}", highlight=False)
     if json_out is not None:
         json_out.parent.mkdir(parents=True, exist_ok=True)
         json_out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
         console.print(f"figures written to {json_out}", highlight=False)
+
+
+def _median_px(results: list[Any], default: float) -> float:
+    """The median pixel size used over the fields (the timing mosaic's source scale)."""
+    vals = sorted(r.um_per_px for r in results if r.um_per_px > 0)
+    return vals[len(vals) // 2] if vals else default
 
 
 def _print_table(

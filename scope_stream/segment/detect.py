@@ -13,6 +13,7 @@ then reported twice; :class:`~.dedup.StageDeduplicator` removes the second copy 
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from dataclasses import dataclass, field
@@ -24,12 +25,16 @@ from scope_stream.config.segment import SegmentConfig
 from scope_stream.vocabulary import Cell, CellKind, Tile
 
 from .morph import dilate
+from .pixel_size import PixelSizeEstimate, compare_pixel_size, estimate_from_total, estimate_pixel_size
 from .platelets import find_platelets
 from .rbc import find_rbcs
 from .stain import as_rgb_float, block_downsample, check_pixels, estimate_background, separate_stains, working_factor
 from .wbc import find_wbcs
 
-__all__ = ["SegmentDebug", "cell_count", "segment_image", "segment_tile", "segment_tile_debug"]
+__all__ = ["SegmentDebug", "cell_count", "segment_image", "segment_image_debug", "segment_tile", "segment_tile_debug"]
+
+log = logging.getLogger(__name__)
+_warned: set[tuple[str, float]] = set()
 
 
 @dataclass
@@ -45,6 +50,13 @@ class SegmentDebug:
     rbc_labels: np.ndarray | None = None
     platelet_labels: np.ndarray | None = None
     timings_ms: dict[str, float] = field(default_factory=dict)
+    #: the pixel size used (µm/px), and whether it was "configured" (the tile's) or "estimated"
+    pixel_size_um: float = 0.0
+    pixel_size_source: str = "configured"
+    #: the pixel size the tile's red cells suggest (:func:`.pixel_size.estimate_pixel_size`)
+    pixel_size_estimate: PixelSizeEstimate | None = None
+    #: non-empty when a confident estimate disagrees with the configured pixel size by more than 15%
+    pixel_size_warning: str = ""
 
 
 def segment_tile(tile: Tile, cfg: SegmentConfig | None = None) -> list[Cell]:
@@ -64,18 +76,43 @@ def segment_tile(tile: Tile, cfg: SegmentConfig | None = None) -> list[Cell]:
 
 def segment_image(
     pixels: np.ndarray,
-    pixel_size_um: float,
+    pixel_size_um: float | None = None,
     cfg: SegmentConfig | None = None,
     *,
     tile_id: str = "image",
     slide_id: str = "image",
 ) -> list[Cell]:
-    """:func:`segment_tile` for a bare array (stage position: the image centre at (0, 0))."""
+    """:func:`segment_tile` for a bare array (stage position: the image centre at (0, 0)).
+
+    Without ``pixel_size_um`` it is estimated from the red cells (:func:`estimate_pixel_size`); a field
+    where that fails gives ``[]`` and a logged warning (:func:`segment_image_debug` says why).
+    """
+    return segment_image_debug(pixels, pixel_size_um, cfg, tile_id=tile_id, slide_id=slide_id)[0]
+
+
+def segment_image_debug(
+    pixels: np.ndarray,
+    pixel_size_um: float | None = None,
+    cfg: SegmentConfig | None = None,
+    *,
+    tile_id: str = "image",
+    slide_id: str = "image",
+) -> tuple[list[Cell], SegmentDebug]:
+    """:func:`segment_image` plus :class:`SegmentDebug` (with the pixel size used and its source)."""
     pixels = check_pixels(pixels)
     if pixels.dtype.name not in ("uint8", "uint16", "float32"):
         pixels = pixels.astype(np.float32)
+    est: PixelSizeEstimate | None = None
+    if pixel_size_um is None:
+        est = estimate_pixel_size(pixels, rbc_diameter_um=(cfg or SegmentConfig()).rbc_diameter_um)
+        if est.um_per_px is None:
+            log.warning("%s: no pixel size given and none could be estimated: %s", tile_id, est.reason)
+            dbg = SegmentDebug(blank=f"no pixel size: {est.reason}", pixel_size_source="none", pixel_size_estimate=est)
+            return [], dbg
+        pixel_size_um = est.um_per_px
     tile = Tile(pixels, slide_id=slide_id, tile_id=tile_id, seq=0, x_um=0.0, y_um=0.0, pixel_size_um=pixel_size_um)
-    return segment_tile(tile, cfg)
+    cells, dbg = segment_tile_debug(tile, cfg, pixel_size_estimate=est)
+    return cells, dbg
 
 
 def cell_count(cells: list[Cell], kind: CellKind) -> int:
@@ -83,10 +120,24 @@ def cell_count(cells: list[Cell], kind: CellKind) -> int:
     return round(sum(c.features.get("count", 1.0) for c in cells if c.kind == kind))
 
 
-def segment_tile_debug(tile: Tile, cfg: SegmentConfig | None = None) -> tuple[list[Cell], SegmentDebug]:
-    """:func:`segment_tile` plus the intermediate results (for evaluation, tuning and the viewer)."""
+def segment_tile_debug(
+    tile: Tile,
+    cfg: SegmentConfig | None = None,
+    *,
+    pixel_size_estimate: PixelSizeEstimate | None = None,
+    check_pixel_size: bool = True,
+) -> tuple[list[Cell], SegmentDebug]:
+    """:func:`segment_tile` plus the intermediate results (for evaluation, tuning and the viewer).
+
+    ``pixel_size_estimate``: the tile's pixel size was estimated (``segment_image`` without one), so
+    it is recorded as such. Otherwise, with ``check_pixel_size``, the red cells' own pixel size is
+    estimated from the stain image already computed (a few ms) and a warning logged (once per slide
+    and pixel size) and recorded when it disagrees with the tile's by more than 15%.
+    """
     cfg = cfg or SegmentConfig()
-    dbg = SegmentDebug()
+    dbg = SegmentDebug(pixel_size_um=tile.pixel_size_um)
+    if pixel_size_estimate is not None:
+        dbg.pixel_size_source, dbg.pixel_size_estimate = "estimated", pixel_size_estimate
     t0 = time.perf_counter()
     arr = check_pixels(tile.pixels)
     if not (math.isfinite(tile.pixel_size_um) and 0 < tile.pixel_size_um <= cfg.max_um_per_px):
@@ -112,6 +163,8 @@ def segment_tile_debug(tile: Tile, cfg: SegmentConfig | None = None) -> tuple[li
     if st.dynamic_range < cfg.min_contrast:
         dbg.blank = f"contrast {st.dynamic_range:.3f} < {cfg.min_contrast}"
         return [], dbg
+    if pixel_size_estimate is None and check_pixel_size:
+        _check_pixel_size(tile, st.total, f, cfg, dbg)
     t1 = time.perf_counter()
     wbc = find_wbcs(st, px_um, cfg)
     dbg.nucleus_threshold = wbc.threshold
@@ -163,6 +216,20 @@ def segment_tile_debug(tile: Tile, cfg: SegmentConfig | None = None) -> tuple[li
     }
     _ = t2
     return cells, dbg
+
+
+def _check_pixel_size(tile: Tile, total: np.ndarray, f: int, cfg: SegmentConfig, dbg: SegmentDebug) -> None:
+    """Estimate the pixel size from the working image's red cells; record (and log) a disagreement."""
+    est, _ = estimate_from_total(total, f, rbc_diameter_um=cfg.rbc_diameter_um)
+    dbg.pixel_size_estimate = est
+    dbg.pixel_size_warning = compare_pixel_size(tile.pixel_size_um, est)
+    if dbg.pixel_size_warning:
+        key = (tile.slide_id, round(tile.pixel_size_um, 6))
+        if key not in _warned:
+            if len(_warned) > 1000:
+                _warned.clear()
+            _warned.add(key)
+            log.warning("slide %s, tile %s: %s", tile.slide_id, tile.tile_id, dbg.pixel_size_warning)
 
 
 def _blank_reason(img: np.ndarray, bg: np.ndarray, cfg: SegmentConfig) -> str:

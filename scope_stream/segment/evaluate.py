@@ -34,6 +34,7 @@ from scope_stream.datasets import BCCD_UM_PER_PX, DatasetError, VocBox, read_voc
 from scope_stream.vocabulary import Cell, CellKind, Tile
 
 from .detect import cell_count, segment_tile_debug
+from .pixel_size import compare_pixel_size, estimate_pixel_size
 
 __all__ = [
     "FieldResult",
@@ -46,6 +47,7 @@ __all__ = [
     "match_iou",
     "summarise",
     "time_large_tiles",
+    "write_examples",
 ]
 
 GT_NAMES = {"WBC": CellKind.WBC, "RBC": CellKind.RBC, "Platelets": CellKind.PLATELET, "Platelet": CellKind.PLATELET}
@@ -82,6 +84,19 @@ class FieldResult:
     plt_objects: int = 0
     rbc_objects: int = 0
     wbc_ious: list[float] = field(default_factory=list)
+    #: best IoU of each annotated box (per kind: "WBC", "RBC", "platelet") and IoU>=0.5 matches
+    ious: dict[str, list[float]] = field(default_factory=dict)
+    tp_iou: dict[str, int] = field(default_factory=dict)
+    found_n: dict[str, int] = field(default_factory=dict)
+    #: the pixel size used, where it came from, the field's own estimate and a disagreement warning
+    um_per_px: float = 0.0
+    pixel_size_source: str = "configured"
+    estimate: dict[str, Any] = field(default_factory=dict)
+    estimate_ms: float = 0.0
+    pixel_size_warning: str = ""
+    #: boxes (x0, y0, x1, y1, kind) of annotated cells missed and of detections matching no annotation
+    misses: list[tuple[float, float, float, float, str]] = field(default_factory=list)
+    false_calls: list[tuple[float, float, float, float, str]] = field(default_factory=list)
 
 
 def list_voc_fields(voc_dir: Path | str, limit: int | None = None) -> list[VocField]:
@@ -164,24 +179,62 @@ def match_centroids(cells: list[Cell], gts: list[VocBox]) -> int:
     return len(used_g)
 
 
+def _unmatched(
+    cells: list[Cell], gts: list[VocBox], threshold: float = 0.5
+) -> tuple[list[tuple[float, float, float, float]], list[tuple[float, float, float, float]]]:
+    """Boxes of ground truth with no detection at IoU >= threshold, and of detections with no ground truth."""
+    cb = [_cell_box(c) for c in cells]
+    gb = [(g.x0, g.y0, g.x1, g.y1) for g in gts]
+    miss = [g for g in gb if not any(_iou(c, g) >= threshold for c in cb)]
+    false = [c for c in cb if not any(_iou(c, g) >= threshold for g in gb)]
+    return miss, false
+
+
 def evaluate_fields(
     fields: Iterable[VocField],
     cfg: SegmentConfig | None = None,
-    um_per_px: float = BCCD_UM_PER_PX,
+    um_per_px: float | None = BCCD_UM_PER_PX,
     progress: Callable[[int], None] | None = None,
 ) -> list[FieldResult]:
-    """Segment every field and match the detections to its boxes."""
+    """Segment every field and match the detections to its boxes.
+
+    Every field's pixel size is also estimated from its red cells (:func:`estimate_pixel_size`, timed
+    apart from segmentation). With ``um_per_px=None`` (fields without a pixel size) that estimate is
+    the one used, or :data:`BCCD_UM_PER_PX` where it fails (``pixel_size_source`` "default").
+    """
     cfg = (cfg or SegmentConfig()).model_copy(update={"drop_border_cells": False})
     results: list[FieldResult] = []
     for fld in fields:
         pixels = load_rgb(fld.image)
-        tile = Tile(pixels, slide_id="voc", tile_id=fld.name, seq=0, x_um=0.0, y_um=0.0, pixel_size_um=um_per_px)
         t0 = time.perf_counter()
-        cells, _ = segment_tile_debug(tile, cfg)
+        est = estimate_pixel_size(pixels, rbc_diameter_um=cfg.rbc_diameter_um)
+        est_ms = (time.perf_counter() - t0) * 1e3
+        if um_per_px is not None:
+            ps, source = um_per_px, "configured"
+        elif est.um_per_px is not None:
+            ps, source = est.um_per_px, "estimated"
+        else:
+            ps, source = BCCD_UM_PER_PX, "default"
+        tile = Tile(pixels, slide_id="voc", tile_id=fld.name, seq=0, x_um=0.0, y_um=0.0, pixel_size_um=ps)
+        t0 = time.perf_counter()
+        cells, dbg = segment_tile_debug(
+            tile, cfg, pixel_size_estimate=est if source == "estimated" else None, check_pixel_size=False
+        )
         ms = (time.perf_counter() - t0) * 1e3
+        warning = compare_pixel_size(ps, est) if source == "configured" else ""
         gt = {k: [b for b in fld.boxes if GT_NAMES.get(b.name) == k] for k in CellKind}
         found = {k: [c for c in cells if c.kind == k] for k in CellKind}
         tp_iou, ious = match_iou(found[CellKind.WBC], gt[CellKind.WBC])
+        all_ious: dict[str, list[float]] = {}
+        all_tp: dict[str, int] = {}
+        misses: list[tuple[float, float, float, float, str]] = []
+        false_calls: list[tuple[float, float, float, float, str]] = []
+        for k in CellKind:
+            tp_k, best_k = match_iou(found[k], gt[k])
+            all_ious[k.value], all_tp[k.value] = [round(v, 4) for v in best_k], tp_k
+            miss, false = _unmatched(found[k], gt[k])
+            misses.extend((*b, k.value) for b in miss)
+            false_calls.extend((*b, k.value) for b in false)
         results.append(
             FieldResult(
                 name=fld.name,
@@ -200,11 +253,52 @@ def evaluate_fields(
                 plt_objects=len(found[CellKind.PLATELET]),
                 rbc_objects=len(found[CellKind.RBC]),
                 wbc_ious=ious,
+                ious=all_ious,
+                tp_iou=all_tp,
+                found_n={k.value: len(found[k]) for k in CellKind},
+                um_per_px=ps,
+                pixel_size_source=source,
+                estimate=est.to_dict(),
+                estimate_ms=est_ms,
+                pixel_size_warning=warning,
+                misses=misses,
+                false_calls=false_calls,
             )
         )
+        _ = dbg
         if progress is not None:
             progress(1)
     return results
+
+
+def _quantiles(values: list[float]) -> dict[str, float] | None:
+    if not values:
+        return None
+    q = np.percentile(values, [10, 25, 50, 75, 90])
+    return {f"p{p}": round(float(v), 4) for p, v in zip((10, 25, 50, 75, 90), q, strict=True)}
+
+
+def _pixel_size_summary(results: list[FieldResult]) -> dict[str, Any]:
+    """The fields' own pixel-size estimates: median, quantiles and relative spread over fields."""
+    est = [float(r.estimate["um_per_px"]) for r in results if r.estimate.get("um_per_px") is not None]
+    out: dict[str, Any] = {
+        "fields_estimated": len(est),
+        "fields_without_estimate": len(results) - len(est),
+        "fields_warned": sum(1 for r in results if r.pixel_size_warning),
+        "sources": {
+            s: sum(1 for r in results if r.pixel_size_source == s) for s in ("configured", "estimated", "default")
+        },
+        "estimate_ms_median": round(statistics.median(r.estimate_ms for r in results), 2),
+        "estimate_ms_p95": round(float(np.percentile([r.estimate_ms for r in results], 95)), 2),
+    }
+    if est:
+        med = statistics.median(est)
+        out["median_um_per_px"] = round(med, 5)
+        out["quantiles_um_per_px"] = _quantiles(est)
+        out["spread_rel"] = round(float(1.4826 * np.median(np.abs(np.array(est) - med)) / med), 4)
+        out["median_cells_per_field"] = statistics.median(int(r.estimate["n_cells"]) for r in results)
+        out["median_confidence"] = round(statistics.median(float(r.estimate["confidence"]) for r in results), 3)
+    return out
 
 
 def _prf(tp: int, n_found: int, n_gt: int) -> dict[str, float]:
@@ -245,6 +339,16 @@ def summarise(results: list[FieldResult]) -> dict[str, Any]:
         "ms_per_field_mean": round(statistics.fmean(ms), 2),
         "ms_per_field_median": round(statistics.median(ms), 2),
         "ms_per_field_p95": round(float(np.percentile(ms, 95)), 2),
+        "iou50": {
+            k.value: _prf(
+                sum(r.tp_iou.get(k.value, 0) for r in results),
+                sum(r.found_n.get(k.value, 0) for r in results),
+                sum(len(r.ious.get(k.value, [])) for r in results),
+            )
+            for k in CellKind
+        },
+        "iou_quantiles": {k.value: _quantiles([v for r in results for v in r.ious.get(k.value, [])]) for k in CellKind},
+        "pixel_size": _pixel_size_summary(results),
     }
 
 
@@ -401,3 +505,49 @@ def evaluate_virtual(
         "ms_per_tile_median": round(statistics.median(ms), 1) if ms else None,
         "wbc_missed": missed[:50],
     }
+
+
+_COLOURS = {"WBC": (40, 90, 255), "RBC": (230, 40, 40), "platelet": (150, 0, 200)}
+
+
+def write_examples(results: list[FieldResult], fields: list[VocField], out_dir: Path | str, n: int = 8) -> list[Path]:
+    """PNG overlays of the ``n`` fields with the most white-cell, then platelet, then red-cell errors.
+
+    Annotated boxes missed (no detection at IoU >= 0.5) are drawn solid and thick in the kind's colour
+    (WBC blue, RBC red, platelet purple) with an "M"; detections matching no annotation thin
+    with an "F" (BCCD leaves many red cells unannotated, so red "F" boxes are often real cells).
+    """
+    from PIL import Image, ImageDraw
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    by_name = {f.name: f for f in fields}
+
+    def errors(r: FieldResult) -> tuple[int, int, int]:
+        def k(kind: str) -> int:
+            return sum(1 for b in r.misses if b[4] == kind) + sum(1 for b in r.false_calls if b[4] == kind)
+
+        return (k("WBC"), k("platelet"), k("RBC"))
+
+    ranked = sorted((r for r in results if r.misses or r.false_calls), key=errors, reverse=True)[:n]
+    paths: list[Path] = []
+    for r in ranked:
+        fld = by_name.get(r.name)
+        if fld is None:
+            continue
+        img = Image.fromarray(load_rgb(fld.image))
+        draw = ImageDraw.Draw(img)
+        for x0, y0, x1, y1, kind in r.misses:
+            draw.rectangle((x0, y0, x1, y1), outline=_COLOURS.get(kind, (0, 0, 0)), width=3)
+            draw.text((x0 + 3, y0 + 2), f"M {kind}", fill=_COLOURS.get(kind, (0, 0, 0)))
+        for x0, y0, x1, y1, kind in r.false_calls:
+            draw.rectangle((x0, y0, x1, y1), outline=_COLOURS.get(kind, (0, 0, 0)), width=1)
+            draw.text((x0 + 2, y1 - 12), f"F {kind}", fill=_COLOURS.get(kind, (0, 0, 0)))
+        wbc, plt, rbc = errors(r)
+        draw.text(
+            (4, 4), f"{r.name}: errors WBC {wbc} platelet {plt} RBC {rbc}; {r.um_per_px:.4f} um/px", fill=(0, 0, 0)
+        )
+        p = out / f"{r.name}.png"
+        img.save(p)
+        paths.append(p)
+    return paths
