@@ -18,8 +18,16 @@ request, matched by ``request_id``:
     ``{"v": 1, "type": "pong"}``.
 
 Errors: ``{"v": 1, "type": "error", "request_id", "code", "detail"}`` with ``code`` one of
-:data:`ERROR_CODES`. Binding anything but loopback needs CurveZMQ keys (the pipeline's
-``scope-stream keys generate``); only clients in ``<keys>/authorized/`` get through.
+:data:`ERROR_CODES`. Requests are parsed by the shared bounded parser (``scope_stream.transport.validate.loads``):
+JSON nested deeper than 32, integers of more than 19 digits and ``NaN``/``Infinity`` are ``malformed``.
+
+Each client has a queue of its own for answers (``REPLY_HWM``); answers to a client that does not read them
+are dropped once its queue is full (counted, logged once per client) instead of blocking the endpoint for
+everyone, and a client with ``MUTE_AFTER`` answers in a row dropped is ignored for ``MUTE_S`` seconds
+(:class:`~scope_stream.transport.control_gate.ReplyGate`).
+
+Binding anything but loopback needs CurveZMQ keys (the pipeline's ``scope-stream keys generate``); only
+clients in ``<keys>/authorized/`` get through.
 """
 
 from __future__ import annotations
@@ -41,9 +49,16 @@ from typing import Any, Literal, Protocol
 import zmq
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from scope_stream.transport.control_gate import ReplyGate
+from scope_stream.transport.validate import ProtocolError
+from scope_stream.transport.validate import loads as bounded_loads
+
 __all__ = [
     "ERROR_CODES",
     "MAX_REQUEST_BYTES",
+    "MUTE_AFTER",
+    "MUTE_S",
+    "REPLY_HWM",
     "ControlError",
     "ControlHandler",
     "ControlServer",
@@ -56,6 +71,13 @@ log = logging.getLogger(__name__)
 
 #: Largest request accepted (also the socket's ZMQ_MAXMSGSIZE: bigger frames drop the connection).
 MAX_REQUEST_BYTES = 64 * 1024
+#: Answers queued per client (ZMQ_SNDHWM); beyond that, answers to a client that does not read are dropped.
+REPLY_HWM = 1000
+#: A client with this many answers in a row dropped is ignored for ``MUTE_S`` seconds.
+MUTE_AFTER = 2000
+MUTE_S = 5.0
+#: Requests read per round before the queued answers are sent (a flood cannot starve the answers).
+_READ_BATCH = 256
 #: Error codes of ``error`` replies.
 ERROR_CODES = (
     "malformed",  # not a JSON object, unknown/missing fields, wrong types, non-finite numbers
@@ -159,9 +181,11 @@ def parse_request(raw: bytes) -> dict[str, Any]:
     if len(raw) > MAX_REQUEST_BYTES:
         raise ControlError("malformed", f"request of {len(raw)} bytes exceeds {MAX_REQUEST_BYTES}")
     try:
-        msg = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ControlError("malformed", f"request is not UTF-8 JSON: {exc}") from None
+        msg = bounded_loads(raw, max_bytes=MAX_REQUEST_BYTES)
+    except ProtocolError as exc:
+        # the bounded parser: not UTF-8 JSON, nested too deep, a huge integer, NaN / Infinity -- all malformed
+        # (a deep request or a 5000-digit integer used to raise in json.loads and come back as "failed")
+        raise ControlError("malformed", f"{exc.reason}: {exc.detail}") from None
     if not isinstance(msg, dict):
         raise ControlError("malformed", f"request must be a JSON object, got {type(msg).__name__}")
     rid = msg.get("request_id") if isinstance(msg.get("request_id"), str) else None
@@ -198,8 +222,11 @@ class ControlServer:
         self._sock = self._ctx.socket(zmq.ROUTER)
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.setsockopt(zmq.MAXMSGSIZE, MAX_REQUEST_BYTES)
-        self._sock.setsockopt(zmq.SNDHWM, 1000)
+        # a queue of its own per client (SNDHWM); ROUTER_MANDATORY + non-blocking sends make a full one an
+        # error we count, never a wait (a send that waited silenced the endpoint for every client)
+        self._sock.setsockopt(zmq.SNDHWM, REPLY_HWM)
         self._sock.setsockopt(zmq.RCVHWM, 1000)
+        self._sock.setsockopt(zmq.SNDTIMEO, 0)
         self._sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         if self._security is not None:
             self._security.start(self._ctx)
@@ -216,6 +243,7 @@ class ControlServer:
         self._thread = threading.Thread(target=self._run, name="scope-stream-control", daemon=True)
         self.requests = 0
         self.rejected = 0
+        self.gate = ReplyGate("control", mute_after=MUTE_AFTER, mute_s=MUTE_S)
 
     def start(self) -> ControlServer:
         self._thread.start()
@@ -240,6 +268,11 @@ class ControlServer:
     def _reply(self, envelope: tuple[bytes, ...], msg: dict[str, Any]) -> None:
         self._outbox.put((envelope, msg))
 
+    @property
+    def replies_dropped(self) -> int:
+        """Answers dropped because their client did not read (its queue was full) or had gone."""
+        return self.gate.dropped_total
+
     def _flush(self) -> None:
         while True:
             try:
@@ -247,9 +280,15 @@ class ControlServer:
             except queue.Empty:
                 return
             try:
-                self._sock.send_multipart([*envelope, json.dumps(msg, default=str).encode("utf-8")])
-            except zmq.ZMQError as exc:  # the client went away (ROUTER_MANDATORY) or is not reading
-                log.warning("control: could not answer %s: %s", msg.get("request_id"), exc)
+                self._sock.send_multipart([*envelope, json.dumps(msg, default=str).encode("utf-8")], flags=zmq.NOBLOCK)
+            except zmq.Again:  # this client's queue is full: it does not read; drop (counted), never wait
+                self.gate.dropped(envelope[0])
+            except zmq.ZMQError as exc:
+                if exc.errno != zmq.EHOSTUNREACH:  # EHOSTUNREACH: the client went away (ROUTER_MANDATORY)
+                    raise
+                self.gate.dropped(envelope[0])
+            else:
+                self.gate.delivered(envelope[0])
 
     def _run(self) -> None:
         poller = zmq.Poller()
@@ -258,11 +297,14 @@ class ControlServer:
             self._flush()
             if not dict(poller.poll(20)):
                 continue
-            while True:
+            # a bounded batch, then the answers: a client that floods requests cannot hold the answers back
+            for _ in range(_READ_BATCH):
                 try:
                     frames = self._sock.recv_multipart(zmq.NOBLOCK)
                 except zmq.Again:
                     break
+                if self.gate.muted(frames[0]):
+                    continue  # it does not read its answers: discarded unanswered, unparsed (counted)
                 self._handle(frames)
         self._flush()
         self._sock.close(0)
@@ -390,7 +432,12 @@ class ReimageClient:
                 left = deadline - time.monotonic()
                 if left <= 0 or not self._sock.poll(int(left * 1000) + 1):
                     return _error("timeout", f"no answer from {self.endpoint} in time", rid)
-                reply = json.loads(self._sock.recv().decode("utf-8"))
+                try:
+                    reply = bounded_loads(self._sock.recv())
+                except ProtocolError as exc:
+                    return _error("malformed", f"the answer from {self.endpoint} is malformed: {exc}", rid)
+                if not isinstance(reply, dict):
+                    return _error("malformed", f"the answer from {self.endpoint} is not a JSON object", rid)
                 if rid is None or reply.get("request_id") in (rid, None):
                     return dict(reply)
                 log.debug("control client: dropping a stale reply for %s", reply.get("request_id"))

@@ -1,4 +1,4 @@
-"""``scope-stream run``, ``worker``, ``events`` and ``keys``: the streaming pipeline from the shell."""
+"""``scope-stream run``, ``worker``, ``sink``, ``events`` and ``keys``: the streaming pipeline from the shell."""
 
 from __future__ import annotations
 
@@ -132,6 +132,54 @@ def worker(
             code = run_worker(connect, cfg, analyzer_spec=analyzer, device=device, name=name, keys_client=client)
     except (SecurityError, ValueError, RuntimeError) as exc:
         raise fail(str(exc)) from exc
+    raise typer.Exit(code)
+
+
+@app.command()
+def sink(
+    connect: Annotated[str, typer.Option(help="The broker's sink endpoint, e.g. tcp://10.0.0.5:5557.")],
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="scope-stream YAML configuration.")] = None,
+    store: Annotated[
+        Path | None, typer.Option(help="One store for everything (default: <store.root>/<slide>.zarr).")
+    ] = None,
+    keys: Annotated[
+        Path | None, typer.Option(help="CurveZMQ key folder with server.key and the client pair 'client'.")
+    ] = None,
+) -> None:
+    """Run the sink on its own: store what a running broker analysed (one sink per broker; a new one takes over).
+
+    Ctrl-C or SIGTERM stops it after the tiles in hand are committed; tiles it had not confirmed are stored by
+    the next sink (the broker keeps every tile until a sink confirms it).
+    """
+    import signal
+    import threading
+
+    from scope_stream.transport.security import SecurityError, is_loopback
+    from scope_stream.transport.sink import run_sink
+
+    cfg = _load(config)
+    if keys is not None:
+        cfg.pipeline.curve_keys_dir = keys
+    if not is_loopback(connect) and cfg.pipeline.curve_keys_dir is None:
+        raise fail(f"{connect} is not loopback: pass --keys (CurveZMQ) to join it; see docs/scaling.md")
+    stop = threading.Event()
+
+    def on_signal(*_: object) -> None:
+        if stop.is_set():  # a second Ctrl-C: leave now (unconfirmed tiles go to the next sink)
+            raise SystemExit(130)
+        stop.set()
+
+    where = store if store is not None else f"{cfg.store.root}/<slide>.zarr"
+    typer.echo(f"sink: {connect} -> {where}; Ctrl-C or SIGTERM stops", err=True)
+    try:
+        with restored_signal_handlers():  # an in-process run (tests) must not leave these installed
+            signal.signal(signal.SIGINT, on_signal)
+            if hasattr(signal, "SIGTERM"):
+                signal.signal(signal.SIGTERM, on_signal)
+            code = run_sink(connect, cfg, store_path=store, stop=stop)
+    except (SecurityError, ValueError, RuntimeError) as exc:
+        raise fail(str(exc)) from exc
+    typer.echo("sink: stopped", err=True)
     raise typer.Exit(code)
 
 

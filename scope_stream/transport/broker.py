@@ -7,6 +7,12 @@ tile until the sink confirms it is committed to the store, so delivery is at-lea
 sink's de-duplication makes the store exactly-once. Tiles beyond ``memory_queue_tiles`` wait in a
 disk :class:`~scope_stream.transport.spool.Spool`; when that is full too the broker stops reading
 its frontend, acknowledgements stop, and sources block (backpressure). See ``docs/protocol.md``.
+
+What the broker remembers per tile is bounded: the record of stored tiles (de-duplication of resent tiles)
+is dropped when the slide is finished and held to :data:`DONE_RECORDS_MAX` in all (oldest first), and
+finished slides are remembered up to :data:`FINISHED_SLIDES_MAX`; a long soak does not grow memory.
+Answers on the control socket go out without blocking, on a queue per client: a client that does not read
+them loses them (counted) and is muted after a while, the others are served (:class:`ReplyGate`).
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from zmq.utils.monitor import recv_monitor_message
 
 from scope_stream.config.pipeline import PipelineConfig
 
+from .control_gate import ReplyGate
 from .protocol import (
     Endpoints,
     ProtocolError,
@@ -39,11 +46,20 @@ from .security import ServerSecurity, check_bind_allowed
 from .spool import Spool, SpoolFull
 from .validate import MAX_TILE_HEADER_BYTES, check_id, check_req, check_tile_header, finite_number, optional_int
 
-__all__ = ["Broker", "bind_endpoints"]
+__all__ = ["DONE_RECORDS_MAX", "FINISHED_SLIDES_MAX", "Broker", "bind_endpoints"]
 
 log = logging.getLogger(__name__)
 _REPLY_HWM = 10_000  # acks and rejects towards sources: small, one per request
 _BLOCKED_S = 0.05  # a worker whose pipe was full gets no tile for this long
+_CONTROL_REPLY_HWM = 1000  # answers queued per control client; beyond that they are dropped (it does not read)
+_CONTROL_MUTE_AFTER = 2000  # a control client with this many answers in a row dropped is ignored for a while
+_CONTROL_MUTE_S = 5.0
+#: Stored-tile records kept for de-duplication in all slides together (the oldest are forgotten first; a
+#: slide's records go when it is finished). A tile resent after its record went is analysed again and the
+#: sink answers ``duplicate`` (the store holds each tile once).
+DONE_RECORDS_MAX = 200_000
+#: Finished slides remembered (``finished`` in stats, the summary for a repeated ``finish``), oldest forgotten.
+FINISHED_SLIDES_MAX = 1000
 
 Key = tuple[str, str]
 
@@ -161,6 +177,11 @@ class Broker:
         self.backend.setsockopt(zmq.SNDHWM, c.tile_hwm)
         self.sinksock = self._socket(zmq.ROUTER, hwm=max(c.tile_hwm, c.sink_credit), limit=c.max_message_bytes)
         self.control = self._socket(zmq.ROUTER, hwm=256, limit=16 * 1024 * 1024)
+        # a queue of its own per client, sends never wait (ROUTER_MANDATORY, NOBLOCK, SNDTIMEO 0): a client that
+        # floods requests and never reads fills only its own queue; its answers are dropped and counted
+        self.control.setsockopt(zmq.SNDHWM, _CONTROL_REPLY_HWM)
+        self.control.setsockopt(zmq.SNDTIMEO, 0)
+        self.control_gate = ReplyGate("broker control", mute_after=_CONTROL_MUTE_AFTER, mute_s=_CONTROL_MUTE_S)
         self.events = self.ctx.socket(zmq.PUB)
         set_common(self.events, hwm=10_000)
         if self.security is not None:
@@ -173,7 +194,11 @@ class Broker:
         self.spool = Spool(c.spool_dir, c.spool_max_bytes)
         self.spooled: set[Key] = set()
         self.jobs: dict[Key, Job] = {}
-        self.done: set[Key] = set()
+        # stored tiles, per slide, oldest first (de-duplication); pruned at finish, DONE_RECORDS_MAX in all
+        self.done: OrderedDict[str, OrderedDict[str, None]] = OrderedDict()
+        self.done_records = 0
+        self.done_records_max = DONE_RECORDS_MAX
+        self.finished_slides_max = FINISHED_SLIDES_MAX
         self.store_queue: deque[Key] = deque()
         self.workers: OrderedDict[bytes, Peer] = OrderedDict()
         self.sink: Peer | None = None
@@ -182,7 +207,7 @@ class Broker:
         self.finish_waiters: dict[str, list[tuple[zmq.Socket[Any], bytes, Any]]] = {}
         self.finish_summary: dict[str, dict[str, Any]] = {}
         self.finalize_sent: dict[str, bytes] = {}
-        self.finished: dict[str, dict[str, Any]] = {}
+        self.finished: OrderedDict[str, dict[str, Any]] = OrderedDict()
         self.rejections = Rejections("broker")
         self.counts: Counter[str] = Counter()
         self.draining = False
@@ -237,7 +262,13 @@ class Broker:
         if not self._send(sock, [ident, encode(type_, **fields)], copy=True):
             # the peer is gone or not reading: it resends what it still needs (a source after ack_timeout)
             self.counts["replies_dropped"] += 1
-            log.debug("a %s reply could not be sent (peer gone or its pipe full)", type_)
+            if sock is self.control:
+                self.counts["control_replies_dropped"] += 1
+                self.control_gate.dropped(ident)  # logged once per client; muted if it never reads
+            else:
+                log.debug("a %s reply could not be sent (peer gone or its pipe full)", type_)
+        elif sock is self.control:
+            self.control_gate.delivered(ident)
 
     def publish(self, topic: str, payload: dict[str, Any]) -> None:
         body = {"v": 1, "topic": topic, "ts": time.time(), **payload}
@@ -407,7 +438,7 @@ class Broker:
         self, key: Key, tile: dict[str, Any], pixels: Any, nbytes: int, sent_at: float, header_bytes: int = 0
     ) -> str:
         """Queue (memory), spool (disk) or refuse (``full``, never acknowledged) an accepted tile."""
-        if key in self.jobs or key in self.done or key in self.spooled:
+        if key in self.jobs or self._is_done(key) or key in self.spooled:
             self.counts["duplicates_in"] += 1
             return "duplicate"
         total = nbytes + header_bytes  # the header (metadata) costs memory and disk too
@@ -463,6 +494,9 @@ class Broker:
 
     # ------------------------------------------------------------------------------ control
     def _on_control(self, ident: bytes, frames: list[zmq.Frame]) -> None:
+        if self.control_gate.muted(ident):
+            self.counts["control_ignored"] += 1  # it does not read its answers: discarded, unparsed, unanswered
+            return
         header = decode_header(frames[0], ("scan", "finish", "stats", "shutdown", "ping"))
         if len(frames) != 1:
             raise ProtocolError("frames", f"a {header['type']} message has no payload frames")
@@ -531,6 +565,41 @@ class Broker:
             self._reply(sock, ident, "finished", slide_id=slide_id, summary=summary, req=req)
         self.finish_summary.pop(slide_id, None)
         self.finalize_sent.pop(slide_id, None)
+        self._forget_slide(slide_id)
+
+    # ------------------------------------------------------------------- per-tile records
+    def _is_done(self, key: Key) -> bool:
+        tiles = self.done.get(key[0])
+        return tiles is not None and key[1] in tiles
+
+    def _mark_done(self, key: Key) -> None:
+        """Remember a stored tile (a resend is then answered ``duplicate``), within ``done_records_max``."""
+        tiles = self.done.get(key[0])
+        if tiles is None:
+            tiles = self.done[key[0]] = OrderedDict()
+        if key[1] in tiles:
+            return
+        tiles[key[1]] = None
+        self.done_records += 1
+        while self.done_records > self.done_records_max and self.done:
+            oldest_slide, oldest = next(iter(self.done.items()))
+            if oldest:
+                oldest.popitem(last=False)
+                self.done_records -= 1
+                self.counts["done_records_evicted"] += 1
+            if not oldest:
+                del self.done[oldest_slide]
+
+    def _forget_slide(self, slide_id: str) -> None:
+        """A finished slide: drop its per-tile records and scan metadata; remember only that it finished."""
+        self.done_records -= len(self.done.pop(slide_id, ()))
+        self.scans.pop(slide_id, None)
+        if slide_id in self.finished:
+            self.finished.move_to_end(slide_id)
+        while len(self.finished) > self.finished_slides_max:
+            old, _ = self.finished.popitem(last=False)
+            if self.pending.get(old, 0) == 0:
+                self.pending.pop(old, None)
 
     # ------------------------------------------------------------------------------ workers
     def _free_credit(self) -> int:
@@ -662,7 +731,7 @@ class Broker:
             if w is None:
                 return
             job = self.queue.popleft()
-            if job.key in self.done or job.state != "queued":
+            if job.state != "queued" or self._is_done(job.key):
                 continue
             job.attempts += 1
             frames = [
@@ -764,7 +833,7 @@ class Broker:
             return
         del self.jobs[key]
         self.held_bytes -= job.nbytes
-        self.done.add(key)
+        self._mark_done(key)
         self.pending[key[0]] -= 1
         self.counts["stored"] += 1
         self.counts["stored_bytes"] += job.nbytes
@@ -949,4 +1018,6 @@ class Broker:
             "rate_tiles_per_s": round(self._rates[0], 3),
             "rate_mb_per_s": round(self._rates[1], 3),
             "draining": self.draining,
+            "control": self.control_gate.stats(),
+            "done_records": self.done_records,
         }
