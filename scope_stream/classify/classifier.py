@@ -29,7 +29,7 @@ __all__ = ["DEFAULT_MODEL_DIR", "PRECISIONS", "DiffusionClassifier", "Scores"]
 #: UNet arithmetic: "auto" (bf16 autocast on CUDA, float32 on CPU), "fp32" or "bf16".
 PRECISIONS = ("auto", "fp32", "bf16")
 #: the shipped model
-DEFAULT_MODEL_DIR = Path(__file__).resolve().parents[2] / "models" / "cytodiffusion-pbc-32-gpu"
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parents[2] / "models" / "cytodiffusion-pbc-64-gpu"
 
 Procedure = Literal["fast", "reference"]
 
