@@ -46,6 +46,17 @@ def test_evaluate_detection_writes_figures(tmp_path: Path) -> None:
     assert report["subsets"]["even (tuning)"]["fields"] == 2
     assert report["config"]["drop_border_cells"] is True  # the configuration given, as given
     assert report["large_tiles"] == []
+    assert report["um_per_px"] == 0.075  # BCCD's, the scale detection was tuned at, unless asked otherwise
+    est = runner.invoke(
+        app, ["evaluate", "detection", "--voc", str(voc), "--json", str(out), "--tile-um-per-px", "",
+              "--estimate-pixel-size"],
+    )  # fmt: skip
+    assert est.exit_code == 0, est.output
+    assert json.loads(out.read_text())["um_per_px"] == "estimated per field"
+    both = runner.invoke(
+        app, ["evaluate", "detection", "--voc", str(voc), "--um-per-px", "0.1", "--estimate-pixel-size"]
+    )
+    assert both.exit_code != 0 and "exclude each other" in both.output
 
 
 def test_evaluate_detection_refuses_a_folder_that_is_not_voc(tmp_path: Path) -> None:
