@@ -77,7 +77,8 @@ def test_small_demo_scan_reports_against_ground_truth(tiny_model: Path, tmp_path
 
 @pytest.mark.slow
 def test_demo_with_nothing_flagged(tiny_model: Path, tmp_path: Path) -> None:
-    cfg = _small(tiny_model, anomaly_threshold=1.0, uncertainty_threshold=1.0)
+    # every flag reason off, the unfamiliar one too (the tiny toy model finds every real cell unfamiliar)
+    cfg = _small(tiny_model, anomaly_threshold=1.0, uncertainty_threshold=1.0, unfamiliar_threshold=1.0)
     report = run_demo(cfg, tmp_path, viewer=False)
     gt = report["ground_truth"]
     assert report["flagged"] == [] and gt["found_abnormal"] == 0 and gt["sensitivity"] == 0.0
