@@ -424,16 +424,17 @@ def headline_rows(report: dict[str, Any]) -> list[tuple[str, str]]:
     rows.append(("Cells", f"{c['WBC']} white, {c['RBC']} red, {c['platelet']} platelets"))
     rows.append(("Flagged white cells", str(len(report["flagged"]))))
     rows.append(("Fields", f"{report['tiles']['scan']} scanned, {report['tiles']['reimage']} re-imaged"))
-    sp = report["speed"]
-    lat = sp.get("latency_ms") or {}
-    rows.append(
-        (
-            "Speed",
-            f"scan {fmt_seconds(sp.get('scan_seconds'))}, {_num(sp.get('tiles_per_s'))} fields/s; field sent → "
-            f"stored: median {fmt_seconds(_ms_to_s(lat.get('p50')))}, p95 {fmt_seconds(_ms_to_s(lat.get('p95')))}",
-        )
-    )
+    rows.append(("Speed", speed_text(report["speed"])))
     return rows
+
+
+def speed_text(sp: dict[str, Any]) -> str:
+    """The scan's speed in words people use: its length, fields per second and per-field latency in seconds."""
+    lat = sp.get("latency_ms") or {}
+    return (
+        f"scan {fmt_seconds(sp.get('scan_seconds'))}, {_num(sp.get('tiles_per_s'))} fields/s; field sent → "
+        f"stored: median {fmt_seconds(_ms_to_s(lat.get('p50')))}, p95 {fmt_seconds(_ms_to_s(lat.get('p95')))}"
+    )
 
 
 def _settings_rows(run: dict[str, Any]) -> list[tuple[str, str]]:

@@ -6,7 +6,7 @@ from typing import Any
 
 from rich.table import Table
 
-from .report import fmt_seconds
+from .report import speed_text
 
 
 def _fmt(v: Any, spec: str = "") -> str:
@@ -42,15 +42,5 @@ def summary_table(report: dict[str, Any]) -> Table:
             f"accuracy (normal) {_fmt(cs['accuracy_normal'], '.2f')}, anomaly AUROC {_fmt(cs['anomaly_auroc'], '.2f')}"
             f" ({cs['matched']} cells)",
         )
-    sp = report["speed"]
-    lat = sp.get("latency_ms") or {}
-    t.add_row(
-        "speed",
-        f"scan {fmt_seconds(sp.get('scan_seconds'))}, {_fmt(sp['tiles_per_s'], '.2f')} fields/s; field sent → stored: "
-        f"median {fmt_seconds(_s(lat.get('p50')))}, p95 {fmt_seconds(_s(lat.get('p95')))}",
-    )
+    t.add_row("speed", speed_text(report["speed"]))
     return t
-
-
-def _s(ms: float | None) -> float | None:
-    return None if ms is None else float(ms) / 1000.0
