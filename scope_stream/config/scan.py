@@ -40,7 +40,8 @@ class ScanConfig(Section):
     focus_stack: list[float] = Field(default_factory=lambda: [0.0], min_length=1)  # z offsets in µm
     reimage_min_score: float | None = None  # only flags scoring at least this trigger a re-image
     reimage_min_separation_um: float | None = None  # None: half the re-image field; closer flags share one
-    results_timeout_s: float = Field(default=120.0, gt=0)  # wait this long for the last results (flags)
+    # wait this long for the last results (flags) after the scan; a CPU classifier can take minutes to catch up
+    results_timeout_s: float = Field(default=600.0, gt=0)
 
     # ---- stage limits (for every move scope-stream makes: plan, adaptive, control requests)
     # None: the microscope's stage travel (microscope.stage_limits(): the slide grown by stage_margin_um)
