@@ -472,3 +472,16 @@ def test_calibrating_with_centre_weighting_sticks_to_the_model(tiny: Path, tmp_p
     out = do_calibrate(c, cells, timesteps=(50, 200), noises_per_timestep=1, centre_sigma=0.25)
     assert out["error_weighting"]["sigma_frac"] == 0.25
     assert DiffusionClassifier.load(model, device="cpu").denoiser.centre_sigma == 0.25
+
+
+def test_the_default_model_ships_inside_the_wheel(repo_root: Path) -> None:
+    """A wheel carries the default model where the classifier looks for it outside a checkout."""
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+
+    from scope_stream.classify.classifier import DEFAULT_MODEL_DIR, DEFAULT_MODEL_NAME
+
+    cfg = tomllib.loads((repo_root / "pyproject.toml").read_text(encoding="utf-8"))
+    include = cfg["tool"]["hatch"]["build"]["targets"]["wheel"]["force-include"]
+    assert include[f"models/{DEFAULT_MODEL_NAME}"] == f"scope_stream/_models/{DEFAULT_MODEL_NAME}"
+    assert DEFAULT_MODEL_DIR == repo_root / "models" / DEFAULT_MODEL_NAME  # in a checkout: the repo's models/
+    assert (DEFAULT_MODEL_DIR / "config.json").is_file() and (DEFAULT_MODEL_DIR / "calibration.json").is_file()

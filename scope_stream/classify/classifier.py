@@ -28,8 +28,18 @@ __all__ = ["DEFAULT_MODEL_DIR", "PRECISIONS", "DiffusionClassifier", "Scores"]
 
 #: UNet arithmetic: "auto" (bf16 autocast on CUDA, float32 on CPU), "fp32" or "bf16".
 PRECISIONS = ("auto", "fp32", "bf16")
+#: the shipped model's name: ``models/<name>`` in a checkout, ``scope_stream/_models/<name>`` in an installed wheel
+DEFAULT_MODEL_NAME = "cytodiffusion-pbc-64-gpu"
+
+
+def _default_model_dir() -> Path:
+    here = Path(__file__).resolve()
+    checkout = here.parents[2] / "models" / DEFAULT_MODEL_NAME
+    return checkout if checkout.is_dir() else here.parents[1] / "_models" / DEFAULT_MODEL_NAME
+
+
 #: the shipped model
-DEFAULT_MODEL_DIR = Path(__file__).resolve().parents[2] / "models" / "cytodiffusion-pbc-64-gpu"
+DEFAULT_MODEL_DIR = _default_model_dir()
 
 Procedure = Literal["fast", "reference"]
 
