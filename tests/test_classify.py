@@ -483,5 +483,5 @@ def test_the_default_model_ships_inside_the_wheel(repo_root: Path) -> None:
     cfg = tomllib.loads((repo_root / "pyproject.toml").read_text(encoding="utf-8"))
     include = cfg["tool"]["hatch"]["build"]["targets"]["wheel"]["force-include"]
     assert include[f"models/{DEFAULT_MODEL_NAME}"] == f"scope_stream/_models/{DEFAULT_MODEL_NAME}"
-    assert DEFAULT_MODEL_DIR == repo_root / "models" / DEFAULT_MODEL_NAME  # in a checkout: the repo's models/
+    assert repo_root / "models" / DEFAULT_MODEL_NAME == DEFAULT_MODEL_DIR  # in a checkout: the repo's models/
     assert (DEFAULT_MODEL_DIR / "config.json").is_file() and (DEFAULT_MODEL_DIR / "calibration.json").is_file()
