@@ -106,7 +106,10 @@ def read_slide_store(path: str | list[str]) -> list[LayerData]:
     f = StoreFollower(root, crops="none")
     delta = f.poll()
     cells: list[CellRecord] = []
+    retracted = set(delta.retracted)  # copies of better-centred cells in overlapping tiles
     for c in delta.cells:
+        if c.cell_id in retracted:
+            continue
         if c.cell_id in delta.reviews:
             label, reviewer, secs = delta.reviews[c.cell_id]
             c = c.with_review(label, reviewer, secs)

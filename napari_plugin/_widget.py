@@ -57,6 +57,7 @@ from scope_stream.view.counts import DifferentialCount, SlideState, slide_state
 from scope_stream.view.flags import PBC_CLASSES, ClassPalette, FlagFilter, FlaggedCellTable, flag_layer_data
 from scope_stream.view.follow import AsyncReviewWriter
 from scope_stream.view.live import (
+    CellsRetracted,
     CellsUpdate,
     FeedError,
     FeedStatus,
@@ -550,6 +551,8 @@ class ScopeStreamWidget(QWidget):
             self._paste(u)
         elif isinstance(u, CellsUpdate):
             self._add_cells(u.cells, u.crops)
+        elif isinstance(u, CellsRetracted):
+            self._retract_cells(u.cell_ids)
         elif isinstance(u, FlagSeen):
             if u.record.cell_id not in self.records:
                 self._add_cells([u.record], {})
@@ -650,6 +653,15 @@ class ScopeStreamWidget(QWidget):
         if any(r.effective_label not in self._classes for r in new_flags):
             self._rebuild_class_list()
         self._extend_session(new_flags, new_classified)
+        self._mark("flags", "table", "counts", "header", "reimage_cells")
+
+    def _retract_cells(self, cell_ids: list[str]) -> None:
+        """Drop cells that turned out to be copies of better-centred cells in overlapping tiles."""
+        for cid in cell_ids:
+            self.records.pop(cid, None)
+            self.counts.remove(cid)
+            self.table.remove(cid)
+            self.reimage_cells.pop(cid, None)
         self._mark("flags", "table", "counts", "header", "reimage_cells")
 
     def _set_record(self, rec: CellRecord) -> None:

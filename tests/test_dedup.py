@@ -163,3 +163,21 @@ def test_resolve_rules() -> None:
     assert (got.outcome, got.other) == ("duplicate", "b0")
     assert d.resolve("s", "WBC", 0.5, 0.0, "B", "b1", 9.0).outcome == "new"  # same tile as b0: never merged
     assert d.resolve("s", "WBC", float("nan"), 0.0, "D", "d0", 1.0).outcome == "new"
+
+
+@pytest.mark.parametrize("order", ["AB", "BA"])
+def test_the_live_follower_shows_each_cell_once(tmp_path: Path, order: str) -> None:
+    """The napari follower skips a later losing copy and retracts an earlier one a better copy replaced."""
+    from scope_stream.view.follow import StoreFollower
+
+    a, ra, b, rb = overlapping_pair()
+    st = SlideStore.open_or_create(tmp_path / "s.zarr", slide_id="s1", dedup_radius_um=4.0)
+    recs = {"A": TileRecord.from_tile(a, ra), "B": TileRecord.from_tile(b, rb)}
+    follower = StoreFollower(st.path, crops="none")
+    shown: set[str] = set()
+    for k in order:
+        st.write_records([recs[k]])
+        delta = follower.poll()
+        shown |= {c.cell_id for c in delta.cells}
+        shown -= set(delta.retracted)
+    assert shown == {c["cell_id"] for c in st.cells()} == {"A-1", "B-0", "B-1", "B-2"}

@@ -81,6 +81,12 @@ class DifferentialCount:
         for r in recs:
             self.add(r)
 
+    def remove(self, cell_id: str) -> None:
+        """Forget a cell (a copy of one counted from an overlapping tile); unknown ids are ignored."""
+        rec = self._cells.pop(cell_id, None)
+        if rec is not None:
+            self._remove(rec)
+
     def _remove(self, rec: CellRecord) -> None:
         self._kinds[rec.kind] -= 1
         if rec.classified:

@@ -223,6 +223,11 @@ class FlaggedCellTable:
             self._records[rec.cell_id] = rec
             self._rows = None
 
+    def remove(self, cell_id: str) -> None:
+        """Drop a cell (a copy of one flagged from an overlapping tile); unknown ids are ignored."""
+        if self._records.pop(cell_id, None) is not None:
+            self._rows = None
+
     def get(self, cell_id: str) -> CellRecord | None:
         return self._records.get(cell_id)
 

@@ -75,6 +75,8 @@ _CELL_COLS = (
     "flag_reasons",
     "flag_score",
     "crop_index",
+    "duplicate_of",  # overlap copies (docs/store.md): absent in stores written before them
+    "replaces",
 )
 _REVIEW_COLS = ("cell_id", "label", "reviewer", "seconds", "at")
 
@@ -132,6 +134,8 @@ class StoreDelta:
     cells: list[CellRecord] = field(default_factory=list)
     crops: dict[int, np.ndarray] = field(default_factory=dict)  # crop_index -> (S, S, 3) uint8
     reviews: dict[str, tuple[str, str, float]] = field(default_factory=dict)  # cell_id -> (label, reviewer, s)
+    #: cells shown before that turned out to be copies of a better-centred row committed since (overlapping tiles)
+    retracted: list[str] = field(default_factory=list)
     status: str = ""
     status_changed: bool = False
     metadata: dict[str, Any] = field(default_factory=dict)
@@ -139,7 +143,7 @@ class StoreDelta:
 
     @property
     def empty(self) -> bool:
-        return not (self.tiles or self.cells or self.reviews or self.status_changed)
+        return not (self.tiles or self.cells or self.reviews or self.retracted or self.status_changed)
 
 
 def _str(v: Any) -> str:
@@ -250,7 +254,11 @@ class StoreFollower:
             cols = self._columns(tables["cells"], _CELL_COLS, self.n_cells, n_cells)
             want: list[int] = []
             for i in range(n_cells - self.n_cells):
-                row_d: dict[str, Any] = {k: v[i] for k, v in cols.items()}
+                if "duplicate_of" in cols and _str(cols["duplicate_of"][i]):
+                    continue  # a second copy of a cell already shown: one row per physical cell
+                if "replaces" in cols and _str(cols["replaces"][i]):
+                    delta.retracted.append(_str(cols["replaces"][i]))
+                row_d: dict[str, Any] = {k: v[i] for k, v in cols.items() if k not in ("duplicate_of", "replaces")}
                 t = self._tiles.get(_str(row_d.get("tile_id")))
                 if t is not None:
                     row_d.update(

@@ -35,6 +35,7 @@ from .follow import StoreDelta, StoreFollower, StoreReadError, TileRow
 from .mosaic import downsample_to_scale, to_display
 
 __all__ = [
+    "CellsRetracted",
     "CellsUpdate",
     "FeedError",
     "FeedStatus",
@@ -88,6 +89,13 @@ class MosaicSnapshot:
 class CellsUpdate:
     cells: list[CellRecord]
     crops: dict[int, np.ndarray] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class CellsRetracted:
+    """Cells shown before that are copies of a better-centred cell of an overlapping tile: drop them."""
+
+    cell_ids: list[str]
 
 
 @dataclass(frozen=True)
@@ -145,6 +153,7 @@ Update = (
     | ReimageTile
     | MosaicSnapshot
     | CellsUpdate
+    | CellsRetracted
     | FlagSeen
     | ReviewsUpdate
     | ReimageEvent
@@ -371,6 +380,8 @@ class LiveFeed:
             self._emit(ReviewsUpdate(delta.reviews))
         if delta.cells:
             self._emit(CellsUpdate(delta.cells, delta.crops))
+        if delta.retracted:
+            self._emit(CellsRetracted(delta.retracted))
         scan = [t for t in delta.tiles if t.kind == "scan" and t.path]
         skip: set[str] = set()
         if first and len(scan) > self.snapshot_after:
