@@ -250,6 +250,14 @@ def bccd_metrics(model: Any, crops: Sequence[np.ndarray], thresholds: tuple[floa
         flagged_any=float((flagged | uncertain).mean()),
         mean_anomaly=float(s.anomaly.mean()),
     )
+    feat = getattr(s, "anomaly_feature", None)
+    if feat is not None:  # the pipeline's "unfamiliar" flag and the slide's domain check over these cells
+        from scope_stream.classify.domain import UNFAMILIAR, domain_check
+        from scope_stream.config.classify import FlagConfig
+
+        unfamiliar = np.asarray(feat) >= FlagConfig().unfamiliar_threshold
+        out["flagged_unfamiliar"] = float(unfamiliar.mean())
+        out["domain_check"] = domain_check([[UNFAMILIAR]] * int(unfamiliar.sum()) + [[]] * int((~unfamiliar).sum()))
     return out
 
 
