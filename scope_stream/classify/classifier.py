@@ -86,6 +86,10 @@ class DiffusionClassifier:
             torch.backends.cuda.matmul.allow_tf32 = False
             torch.backends.cudnn.allow_tf32 = False
         self.unet, self.spec = load_unet(self.model_dir, self.device)
+        if self.device == "cpu":
+            # channels-last convolutions: 1.3x the UNet evaluations per second on the 2-core CPU for the 64 px
+            # model, 1.10x cells/s end to end, the same labels (probabilities within 3e-5; benchmarks/cpu_engine.py)
+            self.unet.to(memory_format=torch.channels_last)
         self.classes: list[str] = list(self.spec.classes)
         self.image_size: int = self.spec.image_size
         #: the canonical-crop spec every raw crop goes through (None: plain resizing, older models)
@@ -107,6 +111,7 @@ class DiffusionClassifier:
         self.denoiser = Denoiser(
             self.unet, alphas_cumprod(self.spec), self.device, max_batch=max_batch, bf16=self.bf16, centre_sigma=sigma
         )
+        self.denoiser.channels_last = self.device == "cpu"
         self.reference_params = ReferenceParams()
         self.feature_bank: FeatureBank | None = None
         if self.calibration is not None and self.calibration.feature_probe is not None:

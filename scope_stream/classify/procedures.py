@@ -157,6 +157,8 @@ class Denoiser:
         self.bf16 = bf16
         self.evaluations = 0
         self.forward_passes = 0
+        #: feed the UNet channels-last batches (set where its weights are channels-last: the CPU)
+        self.channels_last = False
 
     @property
     def centre_sigma(self) -> float:
@@ -199,6 +201,8 @@ class Denoiser:
                 eps = noise[torch.as_tensor(noise_idx[sl], device=noise.device)].to(self.device)
                 a = self.acp[tt].view(-1, 1, 1, 1)
                 xt = a.sqrt() * x0[ci] + (1 - a).sqrt() * eps
+                if self.channels_last:
+                    xt = xt.contiguous(memory_format=torch.channels_last)
                 labels = torch.as_tensor(cls[sl], device=self.device, dtype=torch.long)
                 with torch.autocast(device_type=dev_type, dtype=torch.bfloat16, enabled=self.bf16):
                     pred = self.unet(xt, tt, class_labels=labels).sample

@@ -239,6 +239,7 @@ class _DiscDenoiser(Denoiser):
         super().__init__(base.unet, base.acp, base.device, max_batch=base.max_batch, bf16=base.bf16)
         self.base = base
         self.radius_frac = radius_frac
+        self.channels_last = base.channels_last
 
     def error_weight(self, height: int, width: int) -> torch.Tensor:
         # mean(w * sq) over all pixels with w = mask * (pixels / area) is the mean of sq inside the disc
