@@ -66,3 +66,29 @@ def test_evaluate_a_foreign_folder_of_tight_crops_with_a_canonical_model(tmp_pat
     assert any(p.endswith("empty.png") for p in rep["refused"])
     assert rep["canonical"]["size"] == cfg["image_size"]
     shutil.rmtree(tmp_path / "tiny", ignore_errors=True)
+
+
+def test_canonical_crops_are_cached_per_folder_and_spec(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from PIL import Image
+
+    from scope_stream.classify.canonical import CanonicalSpec
+    from scope_stream.classify.data import CROP_CACHE_ENV, load_crops
+
+    data = tmp_path / "lab"
+    (data / "lymphocyte").mkdir(parents=True)
+    for i in range(3):
+        Image.fromarray(_disc_cell(100 + 30 * i, i)).save(data / "lymphocyte" / f"c{i}.png")
+    Image.fromarray(np.full((90, 90, 3), 235, np.uint8)).save(data / "lymphocyte" / "empty.png")
+    spec = CanonicalSpec(size=32)
+    monkeypatch.delenv(CROP_CACHE_ENV, raising=False)
+    plain = load_crops(data, 32, canonical=spec)
+    assert len(plain) == 3 and len(plain.refused) == 1
+    monkeypatch.setenv(CROP_CACHE_ENV, str(tmp_path / "cache"))
+    first = load_crops(data, 32, canonical=spec)
+    assert len(list((tmp_path / "cache").glob("crops-lab-*.npz"))) == 1
+    for img in (data / "lymphocyte").iterdir():  # from now on only the cache holds the cells
+        img.write_bytes(b"")
+    again = load_crops(data, 32, canonical=spec)
+    for got in (first, again):
+        np.testing.assert_array_equal(got.images, plain.images)
+        assert got.paths == plain.paths and got.refused == plain.refused

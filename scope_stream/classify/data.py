@@ -198,23 +198,24 @@ CROP_CACHE_ENV = "SCOPE_STREAM_CROP_CACHE"
 
 
 class CropCache:
-    """Canonical crops of one data folder and spec, by image path relative to the folder, in one ``.npz``.
+    """Canonical crops of one data folder and spec, by image path relative to the folder.
 
     Making 14,000 crops canonical takes a minute or two; training, calibration and evaluation read the
-    same cells again and again. The cache lives where ``$SCOPE_STREAM_CROP_CACHE`` points (off when
-    unset), keyed by the spec and the folder's name; refused crops are remembered with their reason.
-    A machine without the images can read the cells from a cache file made elsewhere.
+    same cells again and again. With a ``cache_dir`` (``$SCOPE_STREAM_CROP_CACHE``) the crops persist in
+    one ``.npz`` there, keyed by the spec and the folder's name; without one the cache lives in memory
+    for one load. Refused crops are remembered with their reason. A machine without the images can read
+    the cells from a cache file made elsewhere.
     """
 
-    def __init__(self, cache_dir: Path, folder: Path, spec: CanonicalSpec) -> None:
+    def __init__(self, cache_dir: Path | None, folder: Path, spec: CanonicalSpec) -> None:
         import json
 
         key = hashlib.sha256(json.dumps(spec.to_json(), sort_keys=True).encode()).hexdigest()[:12]
-        self.path = Path(cache_dir) / f"crops-{Path(folder).resolve().name}-{key}.npz"
         self.folder = Path(folder).resolve()
+        self.path = Path(cache_dir) / f"crops-{self.folder.name}-{key}.npz" if cache_dir is not None else None
         self.images: dict[str, np.ndarray] = {}
         self.refused: dict[str, str] = {}
-        if self.path.is_file():
+        if self.path is not None and self.path.is_file():
             with np.load(self.path, allow_pickle=False) as z:
                 self.images = dict(zip([str(p) for p in z["paths"]], z["images"], strict=True))
                 self.refused = dict(
@@ -228,9 +229,12 @@ class CropCache:
             return Path(path).resolve().as_posix()
 
     def save(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        """Write the cache file (nothing without a cache folder)."""
+        if self.path is None:
+            return
         import os
 
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_suffix(f".{os.getpid()}.tmp.npz")  # one per process: runs may share a cache
         paths = sorted(self.images)
         size = next(iter(self.images.values())).shape if self.images else (0, 0, 3)
@@ -250,45 +254,25 @@ def _load_canonical(folder: Path, rows: list[LabelledImage], spec: CanonicalSpec
     from .canonical import canonical_batch
 
     cache_dir = os.environ.get(CROP_CACHE_ENV)
-    cache = CropCache(Path(cache_dir), folder, spec) if cache_dir else None
-    todo = list(range(len(rows)))
-    if cache is not None:
-        todo = [
-            i
-            for i, r in enumerate(rows)
-            if cache.key(r.path) not in cache.images and cache.key(r.path) not in cache.refused
-        ]
-    made: dict[int, np.ndarray] = {}
-    refused: dict[str, str] = {}
+    cache = CropCache(Path(cache_dir) if cache_dir else None, folder, spec)
+    keys = [cache.key(r.path) for r in rows]
+    todo = [i for i, k in enumerate(keys) if k not in cache.images and k not in cache.refused]
     if todo:
         raw = [_load_one(rows[i].path, None) for i in todo]
         cpus = os.cpu_count() or 1
         procs = min(16, cpus) if len(raw) >= 2000 and cpus > 2 else 0
         batch = canonical_batch(raw, spec, on_error="skip", progress=progress, processes=procs)
         for j, img in zip(batch.kept, batch.images, strict=True):
-            made[todo[int(j)]] = img
+            cache.images[keys[todo[int(j)]]] = img
         for j, reason in batch.errors.items():
-            refused[str(rows[todo[j]].path)] = reason
-        if cache is not None:
-            for i, img in made.items():
-                cache.images[cache.key(rows[i].path)] = img
-            for j, reason in batch.errors.items():
-                cache.refused[cache.key(rows[todo[j]].path)] = reason
-            cache.save()
-    images: list[np.ndarray] = []
-    kept: list[int] = []
-    for i, r in enumerate(rows):
-        if i in made:
-            images.append(made[i])
-            kept.append(i)
-        elif cache is not None and cache.key(r.path) in cache.images:
-            images.append(cache.images[cache.key(r.path)])
-            kept.append(i)
-        elif cache is not None and cache.key(r.path) in cache.refused:
-            refused[str(r.path)] = cache.refused[cache.key(r.path)]
+            cache.refused[keys[todo[j]]] = reason
+        cache.save()
+    kept = [i for i, k in enumerate(keys) if k in cache.images]
+    refused = {str(rows[i].path): cache.refused[k] for i, k in enumerate(keys) if k in cache.refused}
     if not kept:
         raise DatasetError(f"no cell was found in any of the {len(rows)} crops ({next(iter(refused.values()))})")
-    return CropSet(np.stack(images), [rows[i].label for i in kept], [rows[i].path for i in kept], refused)
+    images = np.stack([cache.images[keys[i]] for i in kept])
+    return CropSet(images, [rows[i].label for i in kept], [rows[i].path for i in kept], refused)
 
 
 def holdout_mask(paths: Sequence[Path], labels: Sequence[str], fraction: float, seed: int = 0) -> np.ndarray:
