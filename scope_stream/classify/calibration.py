@@ -69,9 +69,11 @@ def fit_temperature(scores: np.ndarray, labels: np.ndarray, *, strict: bool = Fa
     lo, hi = math.log(1e-3 / spread), math.log(1e3 / spread)
     res = minimize_scalar(lambda lt: _nll(s, y, math.exp(lt)), bounds=(lo, hi), method="bounded")
     # no interior optimum: the minimum sits on a bound, or the likelihood is as good at the upper bound
-    # (a plateau where every probability has rounded to 1)
-    flat = _nll(s, y, math.exp(hi)) <= float(res.fun) + 1e-12
-    if strict and (min(res.x - lo, hi - res.x) < 0.01 * (hi - lo) or flat):
+    # (a plateau where every probability has rounded to 1); checked only when asked (the plan search fits
+    # hundreds of temperatures and wants none of this)
+    if strict and (
+        min(res.x - lo, hi - res.x) < 0.01 * (hi - lo) or _nll(s, y, math.exp(hi)) <= float(res.fun) + 1e-12
+    ):
         wrong = int((s.argmin(axis=1) != y).sum())
         raise CalibrationError(
             f"the temperature fit ended on its search bound ({math.exp(res.x):.3g}; range "
@@ -201,6 +203,7 @@ def fit_calibration(
        ``false_flag_rate`` of calibration cells (the uncertainty threshold at ``uncertain_flag_rate`` of the
        temperature cells, when given).
     """
+    unc_rate = false_flag_rate if uncertain_flag_rate is None else uncertain_flag_rate
     e_all = np.asarray(errors, dtype=np.float64)
     y_all = np.asarray(labels)
     if e_all.ndim != 3 or len(y_all) != e_all.shape[0]:
@@ -286,7 +289,7 @@ def fit_calibration(
             "fast_mean_evaluations_on_calibration": float(fast_ev.mean()),
             "reference_grid_balanced_accuracy_on_calibration": _balanced_acc(ref_s, y),
             "false_flag_rate": false_flag_rate,
-            "uncertain_flag_rate": false_flag_rate if uncertain_flag_rate is None else uncertain_flag_rate,
+            "uncertain_flag_rate": unc_rate,
             "n_plan_cells": len(y),
             "n_temperature_cells": int(tmask.sum()) if tmask.any() else len(y),
             "n_shifted_temperature_cells": len(shifted[1]) if shifted is not None else 0,
@@ -305,9 +308,7 @@ def fit_calibration(
         t_ref,
         ref_anom,
         anomaly_threshold=1.0 - false_flag_rate,
-        uncertainty_threshold=float(
-            np.quantile(unc, 1.0 - (false_flag_rate if uncertain_flag_rate is None else uncertain_flag_rate))
-        ),
+        uncertainty_threshold=float(np.quantile(unc, 1.0 - unc_rate)),
         info=meta,
         centre_sigma=centre_sigma,
     )
