@@ -35,6 +35,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from _output import emit  # benchmarks/ is on sys.path when a script runs
+
 
 def neg_log_p(score: np.ndarray, normal: np.ndarray) -> np.ndarray:
     """``-log`` of each cell's upper-tail p-value among the normal cells' scores."""
@@ -205,11 +207,7 @@ def main() -> None:
             "auroc": report(sub, kinds[every], mix),
         }
     out["seconds"] = round(time.perf_counter() - t_start, 1)
-    text = json.dumps(out, indent=2)
-    print(text)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(text + "\n", encoding="utf-8")
+    emit(out, args.json)
 
 
 if __name__ == "__main__":

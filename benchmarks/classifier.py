@@ -10,7 +10,6 @@ balanced accuracy over the model's classes, plus the speed-ups and the agreement
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -20,6 +19,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from _output import emit  # benchmarks/ is on sys.path when a script runs
 
 
 def main() -> None:
@@ -123,11 +124,7 @@ def main() -> None:
             "label_agreement": float(np.mean(results["fast"].labels == labels)),
         }
         print(f"faithful: {fa}", file=sys.stderr, flush=True)
-    text = json.dumps(out, indent=2)
-    print(text)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(text, encoding="utf-8")
+    emit(out, args.json)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ how far the two agree: labels, the largest score and probability differences.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -19,6 +18,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from _output import emit  # benchmarks/ is on sys.path when a script runs
 
 
 def main() -> None:
@@ -81,11 +82,7 @@ def main() -> None:
         "max_anomaly_diff": float(np.max(np.abs(a.anomaly - b.anomaly))),  # type: ignore[attr-defined]
         "evaluations_per_cell": float(np.mean(b.evaluations)),  # type: ignore[attr-defined]
     }
-    text = json.dumps(out, indent=2)
-    print(text)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(text, encoding="utf-8")
+    emit(out, args.json)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import inspect
-import json
 import os
 import platform
 import sys
@@ -33,6 +32,8 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from _output import emit  # benchmarks/ is on sys.path when a script runs
 
 from scope_stream.classify.shifts import NONE, SHIFTS, apply_shift
 
@@ -376,11 +377,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "models": results,
         "summary": summarise(results),
     }
-    text = json.dumps(out, indent=2)
-    print(text)
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(text + "\n", encoding="utf-8")
+    emit(out, args.json)
     return out
 
 

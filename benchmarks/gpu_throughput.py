@@ -25,6 +25,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from _output import emit  # benchmarks/ is on sys.path when a script runs
+
 
 def _sync(device: str) -> None:
     import torch
@@ -113,11 +115,7 @@ def main() -> None:
         "rows": rows,
         "best": best,
     }
-    text = json.dumps(out, indent=2)
-    print(text)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(text, encoding="utf-8")
+    emit(out, args.json)
 
 
 if __name__ == "__main__":

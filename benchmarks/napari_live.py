@@ -16,7 +16,6 @@ with the Scope Stream widget follows the store. Measured on the GUI thread:
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing as mp
 import os
 import platform
@@ -29,6 +28,9 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from _output import emit  # benchmarks/ is on sys.path when a script runs
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 
@@ -185,11 +187,7 @@ def main() -> None:
     }
     widget.shutdown()
     viewer.close()
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(text)
+    emit(result, args.json)
 
 
 if __name__ == "__main__":
